@@ -1,0 +1,1 @@
+"""fedcollm_secure."""
