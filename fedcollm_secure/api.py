@@ -1,0 +1,64 @@
+"""Python API for secure rounds on arbitrary named tensors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .crypto.randomness import RandomSource, default_random
+from .errors import ConfigError, UpdateValidationError
+from .secagg import SecureSumResult, TensorSpec, get_aggregator
+from .secagg.tensors import Update
+from .transport import FaultPlan, InProcessChannel, drive
+from .transport.inprocess import Observer
+
+
+def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
+               threshold: int | None = None, weights: Mapping[str, float] | None = None,
+               drop: Mapping[str, str] | None = None, rng: RandomSource | None = None,
+               faults: FaultPlan | None = None, observers: tuple[Observer, ...] = (),
+               round_: int = 0, **options: Any) -> SecureSumResult:
+    """Aggregate ``updates`` (client id -> {name: array}) with ``protocol``, in process.
+
+    Returns the (weighted) sum of the surviving clients' updates; ``weights`` multiply each
+    update and their total comes back as ``result.weight_total``. ``drop`` (simulation only)
+    maps a client id to the stage at which it vanishes. Below ``threshold`` survivors a
+    :class:`~fedcollm_secure.errors.ThresholdError` is raised. ``options`` go to the
+    aggregator's config (e.g. ``graph="k_regular"``, ``clip=1.0``, ``ring_bits=32``).
+    """
+    if not updates:
+        raise UpdateValidationError("no updates to aggregate")
+    ids = list(updates)
+    if any(not isinstance(c, str) or not c for c in ids):
+        raise ConfigError("client ids must be non-empty strings")
+    spec = TensorSpec.of(updates[ids[0]])
+    for cid in ids:  # every client's update must match the common spec
+        spec.flatten(updates[cid], who=f"client {cid}")
+    w = {cid: 1.0 for cid in ids}
+    if weights is not None:
+        if set(weights) != set(ids):
+            raise ConfigError("weights must name exactly the clients of updates")
+        w = {cid: float(weights[cid]) for cid in ids}
+        if any(not math.isfinite(v) or v < 0 for v in w.values()):
+            raise ConfigError("weights must be finite and non-negative")
+        if protocol == "masking" and "max_weight" not in options:
+            options["max_weight"] = max(max(w.values()), 1e-12)
+    aggregator = get_aggregator(protocol, **options)
+    plan = faults or FaultPlan()
+    for cid, stage in (drop or {}).items():
+        if cid not in updates:
+            raise ConfigError(f"drop names unknown client {cid!r}")
+        if stage not in aggregator.stages:
+            raise ConfigError(f"unknown stage {stage!r} for {protocol}; "
+                              f"stages: {list(aggregator.stages)}")
+        plan.drop[cid] = stage
+    rng = rng or default_random()
+    session = rng.bytes(16)
+    clients = {cid: aggregator.client(cid, updates[cid], weight=w[cid], rng=rng,
+                                      session=session, round_=round_) for cid in ids}
+    server = aggregator.server(ids, spec, threshold=threshold, weighted=weights is not None,
+                               rng=rng, session=session, round_=round_)
+    channel = InProcessChannel(clients, plan)
+    channel.observers.extend(observers)
+    return drive(server, channel)

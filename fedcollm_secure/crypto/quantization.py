@@ -1,0 +1,97 @@
+"""Fixed-point quantisation into the ring Z_{2**ring_bits} with stochastic rounding.
+
+A value ``v`` is clipped to ``[-clip, clip]``, scaled by ``levels / clip`` and rounded
+stochastically (unbiased) to an integer in ``[-levels, levels]``, represented modulo
+``2**ring_bits``. A sum of at most ``max_summands`` such integers lies in
+``[-max_summands * levels, max_summands * levels]`` and is recovered exactly by the centred
+lift iff ``max_summands * levels <= 2**(ring_bits-1) - 1``; that is checked at construction.
+The decoded float sum differs from the sum of the clipped inputs by less than
+``max_summands * clip / levels`` per element (one quantum per summand).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError, QuantizationError
+from .prg import SEED_SIZE, ring_dtype, ring_mask, uniform01
+from .randomness import RandomSource, default_random
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    clip: float
+    ring_bits: int
+    levels: int
+    max_summands: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError("quantisation clip must be finite and positive")
+        if not 2 <= self.ring_bits <= 64:
+            raise ConfigError("ring_bits must be in [2, 64]")
+        if self.levels < 1 or self.max_summands < 1:
+            raise ConfigError("levels and max_summands must be >= 1")
+        if self.max_summands * self.levels > (1 << (self.ring_bits - 1)) - 1:
+            raise ConfigError(
+                f"ring overflow: {self.max_summands} summands x {self.levels} levels does not fit "
+                f"a {self.ring_bits}-bit ring (need <= {(1 << (self.ring_bits - 1)) - 1}); "
+                "use more ring bits or fewer levels"
+            )
+        if self.levels > (1 << 52):
+            raise ConfigError("levels above 2**52 exceed float64 precision")
+
+    @classmethod
+    def fit(cls, clip: float, ring_bits: int, max_summands: int,
+            levels: int | None = None) -> QuantizationSpec:
+        """The spec with the most levels that fit, or the given ``levels`` (checked)."""
+        if levels is None:
+            if max_summands < 1:
+                raise ConfigError("max_summands must be >= 1")
+            levels = min(((1 << (ring_bits - 1)) - 1) // max_summands, 1 << 52)
+        return cls(clip=clip, ring_bits=ring_bits, levels=levels, max_summands=max_summands)
+
+    @property
+    def step(self) -> float:
+        """One quantum in input units."""
+        return self.clip / self.levels
+
+    def error_bound(self, summands: int) -> float:
+        return summands * self.step
+
+    @property
+    def dtype(self) -> type[np.unsignedinteger]:
+        return ring_dtype(self.ring_bits)
+
+    def quantize(self, values: np.ndarray, rng: RandomSource | None = None) -> np.ndarray:
+        """Ring elements for ``values`` (any float array; flattened)."""
+        x = np.array(values, dtype=np.float64).reshape(-1)  # a private copy, edited in place
+        if not np.isfinite(x).all():
+            raise QuantizationError("cannot quantise NaN or infinite values")
+        np.clip(x, -self.clip, self.clip, out=x)
+        x *= self.levels / self.clip
+        # floor(y + u), u ~ U[0, 1): rounds up with probability frac(y), so E[q] = y.
+        seed = (rng or default_random()).bytes(SEED_SIZE)
+        x += uniform01(seed, x.size)
+        np.floor(x, out=x)
+        np.clip(x, -self.levels, self.levels, out=x)
+        q = x.astype(np.int64).astype(self.dtype)  # two's complement wrap = reduction mod 2**64
+        if self.ring_bits not in (32, 64):
+            q &= self.dtype(ring_mask(self.ring_bits))
+        return q
+
+    def lift(self, ring_values: np.ndarray) -> np.ndarray:
+        """Centred lift of ring elements to signed int64."""
+        r = np.asarray(ring_values).astype(np.uint64) & np.uint64(ring_mask(self.ring_bits))
+        signed = r.astype(np.int64)
+        if self.ring_bits < 64:
+            half = 1 << (self.ring_bits - 1)
+            signed = np.where(signed >= half, signed - (1 << self.ring_bits), signed)
+        return signed
+
+    def dequantize(self, ring_values: np.ndarray) -> np.ndarray:
+        """Float values of ring elements (a single input or a sum of inputs)."""
+        return self.lift(ring_values).astype(np.float64) * self.step

@@ -1,0 +1,304 @@
+"""Client side of ``masking/v1``: a stage-checked state machine.
+
+Routing errors (another session, an earlier round, a duplicated or out-of-order stage) are
+refused without touching the state, so an injected message cannot derail an honest round.
+A message of the right stage that breaks a protocol rule (bad signature, undecryptable
+share, inconsistent unmask request) aborts this client for the round: it reveals nothing more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...crypto.aead import associated_data, open_sealed, seal
+from ...crypto.kdf import derive_key
+from ...crypto.key_agreement import agree, generate_keypair, load_public_key
+from ...crypto.prg import MaskPRG, ring_mask
+from ...crypto.quantization import QuantizationSpec
+from ...crypto.randomness import RandomSource, default_random
+from ...crypto.shamir import split_secret
+from ...crypto.signatures import VerifyKey, generate_signing_key
+from ...errors import (
+    FedCoLLMSecureError,
+    PartyError,
+    StageError,
+    UnmaskRequestError,
+    UpdateValidationError,
+)
+from ...wire import DEFAULT_LIMITS, SERVER, Envelope, Fields, Limits, b64, bytes_map, decode
+from ..base import ClientEndpoint
+from ..tensors import TensorSpec, Update
+from .config import PROTOCOL, MaskingConfig
+from .messages import (
+    AD_SHARE,
+    ADVERTISE_KEYS,
+    BUNDLE_SIZE,
+    ERROR,
+    F_B_COMMIT,
+    F_B_SHARES,
+    F_BUNDLE_SIG,
+    F_BUNDLES,
+    F_CIPHER_PK,
+    F_CLIP,
+    F_DROPPED,
+    F_GRAPH,
+    F_LENGTH,
+    F_LEVELS,
+    F_MASK_PK,
+    F_MAX_WEIGHT,
+    F_N_NODES,
+    F_NEIGHBOURS,
+    F_RING_BITS,
+    F_S_SHARES,
+    F_SHARE_THRESHOLD,
+    F_SHARES,
+    F_SIG_PK,
+    F_SPEC,
+    F_SURVIVORS,
+    F_THRESHOLD,
+    MASKED_INPUT,
+    MAX_NODES,
+    PURPOSE_PAIR_MASK,
+    PURPOSE_SHARE_KEY,
+    SEALED_SHARE_SIZE,
+    SHARE_KEYS,
+    STAGES,
+    UNMASK,
+    KeyBundle,
+    b_commitment,
+    envelope,
+    error_fields,
+    kdf_context,
+    mask_sign,
+    ordered,
+    parse_share_plaintext,
+    share_plaintext,
+)
+
+ABORTED = "aborted"
+DONE = "done"
+
+
+class MaskingClient(ClientEndpoint):
+    def __init__(self, client_id: str, update: Update, *, weight: float = 1.0,
+                 config: MaskingConfig | None = None, rng: RandomSource | None = None,
+                 session: bytes | None = None, round_: int | None = None,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
+        self.client_id = client_id
+        self.config = config or MaskingConfig()
+        if not (np.isfinite(weight) and 0 <= weight <= self.config.max_weight):
+            raise UpdateValidationError(
+                f"weight {weight} must be finite and in [0, max_weight={self.config.max_weight}]")
+        self.update = update
+        self.weight = float(weight)
+        self.rng = rng or default_random()
+        self.session = session
+        self.round = round_
+        self.limits = limits
+        self.stage_index = 0  # index into STAGES of the next expected request
+        self.state = STAGES[0]
+        self.error: FedCoLLMSecureError | None = None
+        self.node = 0
+        self.signer = generate_signing_key(self.rng)
+        self.revealed: dict[str, list[int]] = {}
+
+    # --- entry points --------------------------------------------------------------------
+    def handle(self, request: bytes) -> bytes:
+        """Process one request; a refusal is answered with an ``error`` message."""
+        try:
+            return self.process(request)
+        except FedCoLLMSecureError as exc:
+            return envelope(ERROR, self.session or b"", self.round or 0, self.node, SERVER,
+                            error_fields(exc)).encode(self.signer)
+
+    def process(self, request: bytes) -> bytes:
+        """Process one request; raise the typed error of a refusal."""
+        if self.state in (ABORTED, DONE):
+            raise StageError(f"client {self.client_id} has finished this round ({self.state})")
+        env = decode(request, self.limits)
+        expected = STAGES[self.stage_index]
+        if env.stage in STAGES and env.stage != expected:
+            kind = "duplicated" if STAGES.index(env.stage) < self.stage_index else "out-of-order"
+            self._check_route(env, env.stage)  # a wrong session/round is reported as such
+            raise StageError(f"{kind} {env.stage!r} request; expecting {expected!r}")
+        self._check_route(env, expected)
+        try:
+            reply: bytes = getattr(self, f"_on_{expected}")(env)
+        except FedCoLLMSecureError as exc:
+            self.state, self.error = ABORTED, exc
+            raise
+        self.stage_index += 1
+        self.state = STAGES[self.stage_index] if self.stage_index < len(STAGES) else DONE
+        return reply
+
+    def _check_route(self, env: Envelope, stage: str) -> None:
+        if self.session is None and stage == ADVERTISE_KEYS:
+            self.session, self.round = env.session, env.round  # learnt from the first request
+        env.expect(protocol=PROTOCOL, stage=stage, session=self.session or b"",
+                   round_=self.round if self.round is not None else env.round, src=SERVER,
+                   dst=self.node or None)
+        if env.dst < 1:
+            raise PartyError("requests must be addressed to a client index >= 1")
+
+    def _reply(self, stage: str, fields: dict[str, object], body: bytes = b"") -> bytes:
+        return envelope(stage, self.session or b"", self.round or 0, self.node, SERVER, fields,
+                        body).encode(self.signer)
+
+    # --- stage 0: advertise keys ---------------------------------------------------------
+    def _on_advertise_keys(self, env: Envelope) -> bytes:
+        f = Fields(env, {F_N_NODES, F_THRESHOLD, F_SHARE_THRESHOLD, F_GRAPH, F_NEIGHBOURS,
+                         F_RING_BITS, F_LEVELS, F_CLIP, F_MAX_WEIGHT, F_SPEC})
+        n = f.uint(F_N_NODES, MAX_NODES)
+        self.node = env.dst
+        t, share_t = f.uint(F_THRESHOLD, MAX_NODES), f.uint(F_SHARE_THRESHOLD, MAX_NODES)
+        neighbours = f.uint_list(F_NEIGHBOURS, MAX_NODES)
+        graph = f.string(F_GRAPH, 16)
+        if not 2 <= n <= self.config.max_clients or not 1 <= self.node <= n:
+            raise PartyError(f"node {self.node} of {n} is out of range")
+        if len(set(neighbours)) != len(neighbours) or self.node in neighbours or any(
+                not 1 <= v <= n for v in neighbours):
+            raise PartyError("neighbour list has duplicates, unknown nodes or this node")
+        if graph not in ("complete", "k_regular") or (
+                graph == "complete" and len(neighbours) != n - 1):
+            raise PartyError(f"graph {graph!r} does not match {len(neighbours)} neighbours")
+        if not self.config.min_threshold <= t <= n:
+            raise PartyError(f"threshold {t} is below this client's minimum "
+                             f"{self.config.min_threshold} or above {n}")
+        if not 2 <= share_t <= min(t, len(neighbours) + 1):
+            raise PartyError(f"share threshold {share_t} is out of range")
+        self.n_nodes, self.threshold, self.share_threshold = n, t, share_t
+        self.neighbours = frozenset(neighbours)
+        max_weight = f.number(F_MAX_WEIGHT)
+        if self.weight > max_weight:
+            raise UpdateValidationError(f"weight {self.weight} exceeds max_weight {max_weight}")
+        self.clip = f.number(F_CLIP) / max_weight
+        ring_bits = f.uint(F_RING_BITS, 64)
+        levels = f.uint(F_LEVELS, 1 << 62)
+        self.values_q = QuantizationSpec(f.number(F_CLIP), ring_bits, levels, n)
+        self.weight_q = QuantizationSpec(max_weight, ring_bits, levels, n)
+        self.spec = TensorSpec.from_json(f.list_of(F_SPEC, 100_000))
+        self.vector = self.spec.flatten(self.update, who=f"client {self.client_id}")
+        self.cipher_keys = generate_keypair(self.rng)
+        self.mask_keys = generate_keypair(self.rng)
+        sig_pk = self.signer.verify_key.raw
+        bundle_sig = self.signer.sign(KeyBundle.signed_bytes(
+            env.session, env.round, self.node, self.cipher_keys.public_bytes,
+            self.mask_keys.public_bytes, sig_pk))
+        self.bundle = KeyBundle(self.node, self.cipher_keys.public_bytes,
+                                self.mask_keys.public_bytes, sig_pk, bundle_sig)
+        return self._reply(ADVERTISE_KEYS, {
+            F_CIPHER_PK: b64(self.bundle.cipher_pk), F_MASK_PK: b64(self.bundle.mask_pk),
+            F_SIG_PK: b64(sig_pk), F_BUNDLE_SIG: b64(bundle_sig)})
+
+    # --- stage 1: share keys -------------------------------------------------------------
+    def _on_share_keys(self, env: Envelope) -> bytes:
+        f = Fields(env, {F_BUNDLES})
+        raw = f.bytes_map(F_BUNDLES, MAX_NODES, size=BUNDLE_SIZE)
+        if raw.get(self.node) != self.bundle.to_bytes():
+            raise PartyError("the server did not forward this client's own keys unchanged")
+        unknown = set(raw) - self.neighbours - {self.node}
+        if unknown:
+            raise PartyError(f"keys for nodes that are not neighbours: {sorted(unknown)}")
+        if len(raw) < self.share_threshold:
+            raise PartyError(f"{len(raw)} key bundles, fewer than the share threshold "
+                             f"{self.share_threshold}")
+        bundles = {v: KeyBundle.from_bytes(v, b) for v, b in raw.items() if v != self.node}
+        seen = {self.bundle.cipher_pk, self.bundle.mask_pk}
+        for v, b in bundles.items():
+            if b.cipher_pk in seen or b.mask_pk in seen or b.cipher_pk == b.mask_pk:
+                raise PartyError(f"node {v} reuses a public key of another node")
+            seen |= {b.cipher_pk, b.mask_pk}
+            VerifyKey(b.sig_pk).verify(b.signature, KeyBundle.signed_bytes(
+                env.session, env.round, v, b.cipher_pk, b.mask_pk, b.sig_pk))
+            load_public_key(b.cipher_pk), load_public_key(b.mask_pk)
+        self.bundles = bundles
+        self.b_seed = self.rng.bytes(32)
+        holders = sorted(raw)
+        b_shares = split_secret(self.b_seed, self.share_threshold, holders, self.rng)
+        s_shares = split_secret(self.mask_keys.private_bytes(), self.share_threshold, holders,
+                                self.rng)
+        self.held_b = {self.node: b_shares[self.node].to_bytes()}
+        self.held_s = {self.node: s_shares[self.node].to_bytes()}
+        ctx = kdf_context(env.session, env.round)
+        sealed = {}
+        for v, b in bundles.items():
+            key = derive_key(agree(self.cipher_keys.private, b.cipher_pk), ctx,
+                             purpose=PURPOSE_SHARE_KEY, pair=ordered(self.node, v))
+            sealed[v] = seal(key, share_plaintext(self.node, v, b_shares[v].to_bytes(),
+                                                  s_shares[v].to_bytes()),
+                             associated_data(AD_SHARE, env.session, env.round, self.node, v),
+                             self.rng)
+        commit = b_commitment(env.session, env.round, self.node, self.b_seed)
+        return self._reply(SHARE_KEYS, {F_SHARES: bytes_map(sealed), F_B_COMMIT: b64(commit)})
+
+    # --- stage 2: masked input -----------------------------------------------------------
+    def _on_masked_input(self, env: Envelope) -> bytes:
+        f = Fields(env, {F_SHARES})
+        sealed = f.bytes_map(F_SHARES, MAX_NODES, size=SEALED_SHARE_SIZE)
+        unknown = set(sealed) - set(self.bundles)
+        if unknown:
+            raise PartyError(f"shares from nodes whose keys were not accepted: {sorted(unknown)}")
+        if len(sealed) + 1 < self.share_threshold:
+            raise PartyError(f"only {len(sealed)} peers shared keys; the share threshold is "
+                             f"{self.share_threshold}")
+        ctx = kdf_context(env.session, env.round)
+        for v, ct in sealed.items():
+            key = derive_key(agree(self.cipher_keys.private, self.bundles[v].cipher_pk), ctx,
+                             purpose=PURPOSE_SHARE_KEY, pair=ordered(self.node, v))
+            plain = open_sealed(key, ct, associated_data(AD_SHARE, env.session, env.round, v,
+                                                         self.node))
+            src, dst, b_share, s_share = parse_share_plaintext(plain)
+            if (src, dst) != (v, self.node):
+                raise PartyError(f"share claims route {src}->{dst}, expected {v}->{self.node}")
+            self.held_b[v], self.held_s[v] = b_share, s_share
+        self.peers = frozenset(sealed)
+        masked = self._mask()
+        return self._reply(MASKED_INPUT, {F_LENGTH: int(masked.size)},
+                           masked.astype(masked.dtype.newbyteorder("<")).tobytes())
+
+    def _mask(self) -> np.ndarray:
+        values = np.clip(self.vector, -self.clip, self.clip) * self.weight
+        y = np.concatenate([self.values_q.quantize(values, self.rng),
+                            self.weight_q.quantize(np.array([self.weight]), self.rng)])
+        prg = MaskPRG(y.size, self.values_q.ring_bits)
+        prg.add_into(y, self.b_seed)
+        kctx = kdf_context(self.session or b"", self.round or 0)
+        for v in sorted(self.peers):
+            seed = derive_key(agree(self.mask_keys.private, self.bundles[v].mask_pk), kctx,
+                              purpose=PURPOSE_PAIR_MASK, pair=ordered(self.node, v))
+            prg.add_into(y, seed, mask_sign(self.node, v))
+        if self.values_q.ring_bits not in (32, 64):
+            y &= y.dtype.type(ring_mask(self.values_q.ring_bits))
+        self.mask_bytes_generated = prg.bytes_generated
+        return y
+
+    # --- stage 3: unmask -----------------------------------------------------------------
+    def _on_unmask(self, env: Envelope) -> bytes:
+        f = Fields(env, {F_SURVIVORS, F_DROPPED})
+        survivors = f.uint_list(F_SURVIVORS, MAX_NODES)
+        dropped = f.uint_list(F_DROPPED, MAX_NODES)
+        s_set, d_set = set(survivors), set(dropped)
+        if len(s_set) != len(survivors) or len(d_set) != len(dropped):
+            raise UnmaskRequestError("unmask request lists a node twice")
+        if s_set & d_set:
+            raise UnmaskRequestError(
+                f"nodes listed as both surviving and dropped: {sorted(s_set & d_set)}")
+        if self.node in d_set:
+            raise UnmaskRequestError("unmask request lists this client as dropped")
+        if self.node not in s_set:
+            raise UnmaskRequestError("unmask request omits this client from the survivors")
+        known = self.peers | {self.node}
+        if (s_set | d_set) - known:
+            raise UnmaskRequestError(
+                f"unmask request names unknown nodes {sorted((s_set | d_set) - known)}")
+        if len(s_set | d_set) != len(known):
+            raise UnmaskRequestError(
+                f"unmask request classifies {len(s_set | d_set)} nodes; this client holds "
+                f"shares of {len(known)}")
+        if len(s_set) < self.share_threshold:
+            raise UnmaskRequestError(f"{len(s_set)} survivors, below the share threshold "
+                                     f"{self.share_threshold}")
+        self.revealed = {"b": sorted(s_set), "s": sorted(d_set)}
+        return self._reply(UNMASK, {
+            F_B_SHARES: bytes_map({v: self.held_b[v] for v in s_set}),
+            F_S_SHARES: bytes_map({v: self.held_s[v] for v in d_set})})

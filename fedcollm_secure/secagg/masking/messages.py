@@ -1,0 +1,156 @@
+"""Message schemas, byte encodings and key-derivation contexts of ``masking/v1``.
+
+Field names are constants; every parser checks exact keys, types and sizes, and raises
+:class:`WireFormatError` (or a more specific protocol error) on anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from ...crypto.kdf import KdfContext, encode_fields
+from ...crypto.shamir import SHARE_SIZE
+from ...errors import WireFormatError
+from ...wire import Envelope, Fields, b64, bytes_map
+from .config import PROTOCOL, VERSION
+
+# stages, in order
+ADVERTISE_KEYS = "advertise_keys"
+SHARE_KEYS = "share_keys"
+MASKED_INPUT = "masked_input"
+UNMASK = "unmask"
+STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, UNMASK)
+ERROR = "error"
+
+# field names
+F_N_NODES = "n_nodes"
+F_THRESHOLD = "threshold"
+F_SHARE_THRESHOLD = "share_threshold"
+F_GRAPH = "graph"
+F_NEIGHBOURS = "neighbours"
+F_RING_BITS = "ring_bits"
+F_LEVELS = "levels"
+F_CLIP = "clip"
+F_MAX_WEIGHT = "max_weight"
+F_SPEC = "tensor_spec"
+F_CIPHER_PK = "cipher_pk"
+F_MASK_PK = "mask_pk"
+F_SIG_PK = "sig_pk"
+F_BUNDLE_SIG = "bundle_sig"
+F_BUNDLES = "bundles"
+F_SHARES = "shares"
+F_B_COMMIT = "b_commit"
+F_LENGTH = "length"
+F_SURVIVORS = "survivors"
+F_DROPPED = "dropped"
+F_B_SHARES = "b_shares"
+F_S_SHARES = "s_shares"
+F_CODE = "code"
+F_MESSAGE = "message"
+
+KEY_SIZE = 32
+BUNDLE_SIZE = 3 * KEY_SIZE + 64
+SEALED_SHARE_SIZE = 12 + (4 + 8) * 2 + (4 + SHARE_SIZE) * 2 + 16  # nonce + fields + tag
+MAX_NODES = 1 << 20
+
+# KDF purposes and AEAD labels
+PURPOSE_SHARE_KEY = "share-encryption"
+PURPOSE_PAIR_MASK = "pairwise-mask"
+AD_SHARE = "masking/v1/share"
+BUNDLE_LABEL = b"masking/v1/key-bundle"
+COMMIT_LABEL = b"masking/v1/self-mask-commitment"
+
+
+def kdf_context(session: bytes, round_: int) -> KdfContext:
+    return KdfContext(protocol=PROTOCOL, version=VERSION, session=session, round=round_)
+
+
+def ordered(u: int, v: int) -> tuple[int, int]:
+    return (u, v) if u < v else (v, u)
+
+
+def mask_sign(u: int, v: int) -> int:
+    """Node ``u`` adds PRG(s_uv) if u < v and subtracts it if u > v."""
+    return 1 if u < v else -1
+
+
+@dataclass(frozen=True)
+class KeyBundle:
+    """What a client advertises: two X25519 public keys and an Ed25519 key for this round."""
+
+    node: int
+    cipher_pk: bytes
+    mask_pk: bytes
+    sig_pk: bytes
+    signature: bytes
+
+    @staticmethod
+    def signed_bytes(session: bytes, round_: int, node: int, cipher_pk: bytes, mask_pk: bytes,
+                     sig_pk: bytes) -> bytes:
+        return encode_fields(BUNDLE_LABEL, session, struct.pack(">QQ", round_, node),
+                             cipher_pk, mask_pk, sig_pk)
+
+    def to_bytes(self) -> bytes:
+        return self.cipher_pk + self.mask_pk + self.sig_pk + self.signature
+
+    @classmethod
+    def from_bytes(cls, node: int, raw: bytes) -> KeyBundle:
+        if len(raw) != BUNDLE_SIZE:
+            raise WireFormatError(f"key bundle must be {BUNDLE_SIZE} bytes")
+        k = KEY_SIZE
+        return cls(node, raw[:k], raw[k:2 * k], raw[2 * k:3 * k], raw[3 * k:])
+
+
+def share_plaintext(src: int, dst: int, b_share: bytes, s_share: bytes) -> bytes:
+    return encode_fields(struct.pack(">Q", src), struct.pack(">Q", dst), b_share, s_share)
+
+
+def parse_share_plaintext(raw: bytes) -> tuple[int, int, bytes, bytes]:
+    parts, offset = [], 0
+    for _ in range(4):
+        if offset + 4 > len(raw):
+            raise WireFormatError("share plaintext truncated")
+        (length,) = struct.unpack_from(">I", raw, offset)
+        offset += 4
+        parts.append(raw[offset:offset + length])
+        offset += length
+    if offset != len(raw) or [len(p) for p in parts] != [8, 8, SHARE_SIZE, SHARE_SIZE]:
+        raise WireFormatError("share plaintext has the wrong layout")
+    return (struct.unpack(">Q", parts[0])[0], struct.unpack(">Q", parts[1])[0], parts[2], parts[3])
+
+
+def b_commitment(session: bytes, round_: int, node: int, b_seed: bytes) -> bytes:
+    """Binding commitment to the self-mask seed, checked after its reconstruction."""
+    return hashlib.sha256(encode_fields(COMMIT_LABEL, session, struct.pack(">QQ", round_, node),
+                                        b_seed)).digest()
+
+
+def envelope(stage: str, session: bytes, round_: int, src: int, dst: int,
+             fields: dict[str, object], body: bytes = b"") -> Envelope:
+    return Envelope(protocol=PROTOCOL, stage=stage, session=session, round=round_, src=src,
+                    dst=dst, fields=dict(fields), body=body)
+
+
+def error_fields(exc: BaseException) -> dict[str, object]:
+    return {F_CODE: type(exc).__name__, F_MESSAGE: str(exc)[:500]}
+
+
+def parse_error(env: Envelope) -> str:
+    f = Fields(env, {F_CODE, F_MESSAGE})
+    return f"{f.string(F_CODE, 64)}: {f.string(F_MESSAGE, 500)}"
+
+
+__all__ = [
+    "ADVERTISE_KEYS",
+    "ERROR",
+    "MASKED_INPUT",
+    "SHARE_KEYS",
+    "STAGES",
+    "UNMASK",
+    "Fields",
+    "KeyBundle",
+    "b64",
+    "bytes_map",
+]

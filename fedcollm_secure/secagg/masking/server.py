@@ -1,0 +1,350 @@
+"""Server side of ``masking/v1``: a sans-IO workflow driven stage by stage.
+
+Sets of nodes follow Bonawitz et al.: U1 advertised keys, U2 shared keys, U3 sent masked
+input (their inputs are in the sum), U4 answered the unmask request. After every stage the
+workflow checks that the round can still complete; if not it raises :class:`ThresholdError`
+*before* sending the next request, so an aborted round reveals nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ...crypto.kdf import derive_key
+from ...crypto.key_agreement import agree, load_private_key, load_public_key, public_of
+from ...crypto.prg import MaskPRG, ring_mask
+from ...crypto.randomness import RandomSource, default_random
+from ...crypto.shamir import SHARE_SIZE, Share, reconstruct_secret
+from ...crypto.signatures import VerifyKey
+from ...errors import (
+    FedCoLLMSecureError,
+    PartyError,
+    ProtocolError,
+    SecretSharingError,
+    ThresholdError,
+    WireFormatError,
+)
+from ...wire import SERVER, Envelope, Fields, Limits, bytes_map, decode
+from ..base import SecureSumResult, ServerWorkflow, StageRequests
+from ..tensors import TensorSpec
+from .config import PROTOCOL, PROTOCOL_NAME, MaskingConfig, RoundParams
+from .graph import complete_graph, harary_graph
+from .messages import (
+    ADVERTISE_KEYS,
+    ERROR,
+    F_B_COMMIT,
+    F_B_SHARES,
+    F_BUNDLE_SIG,
+    F_BUNDLES,
+    F_CIPHER_PK,
+    F_CLIP,
+    F_DROPPED,
+    F_GRAPH,
+    F_LENGTH,
+    F_LEVELS,
+    F_MASK_PK,
+    F_MAX_WEIGHT,
+    F_N_NODES,
+    F_NEIGHBOURS,
+    F_RING_BITS,
+    F_S_SHARES,
+    F_SHARE_THRESHOLD,
+    F_SHARES,
+    F_SIG_PK,
+    F_SPEC,
+    F_SURVIVORS,
+    F_THRESHOLD,
+    MASKED_INPUT,
+    MAX_NODES,
+    PURPOSE_PAIR_MASK,
+    SEALED_SHARE_SIZE,
+    SHARE_KEYS,
+    STAGES,
+    UNMASK,
+    KeyBundle,
+    b_commitment,
+    envelope,
+    kdf_context,
+    mask_sign,
+    ordered,
+    parse_error,
+)
+
+HEADER_LIMIT = 4 << 20
+
+
+def _matches_public_key(public: bytes) -> Callable[[bytes], bool]:
+    return lambda private: public_of(private) == public
+
+
+class MaskingServer(ServerWorkflow):
+    def __init__(self, client_ids: Sequence[str], spec: TensorSpec, *,
+                 config: MaskingConfig | None = None, threshold: int | None = None,
+                 rng: RandomSource | None = None, session: bytes | None = None,
+                 round_: int = 0) -> None:
+        ids = list(client_ids)
+        if len(set(ids)) != len(ids):
+            raise PartyError("duplicate client ids")
+        self.config = config or MaskingConfig()
+        self.params = RoundParams.resolve(self.config, len(ids), threshold)
+        self.rng = rng or default_random()
+        self.session = session if session is not None else self.rng.bytes(16)
+        self.round = round_
+        self.spec = spec
+        self.length = spec.size + 1  # the weight travels as the last element
+        self.ids = {i + 1: cid for i, cid in enumerate(sorted(ids))}
+        self.node_of = {cid: u for u, cid in self.ids.items()}
+        nodes = sorted(self.ids)
+        if self.params.graph == "complete":
+            self.graph = complete_graph(nodes)
+        else:
+            self.graph = harary_graph(nodes, self.params.degree, self.rng)
+        self.stage_index = 0
+        self.active: set[int] = set(nodes)
+        self.dropped: dict[str, str] = {}
+        self.rejected: dict[str, str] = {}
+        self.bundles: dict[int, KeyBundle] = {}
+        self.sent_bundles: dict[int, frozenset[int]] = {}
+        self.sealed: dict[int, dict[int, bytes]] = {}
+        self.commits: dict[int, bytes] = {}
+        self.peers: dict[int, frozenset[int]] = {}
+        self.masked: dict[int, np.ndarray] = {}
+        self.unmask_lists: dict[int, tuple[list[int], list[int]]] = {}
+        self.revealed_b: dict[int, dict[int, Share]] = {}
+        self.revealed_s: dict[int, dict[int, Share]] = {}
+        self.contributors: list[int] = []
+        self.late_dropouts: list[str] = []
+        self.seconds: dict[str, float] = {}
+        self._result: SecureSumResult | None = None
+
+    # --- driving -------------------------------------------------------------------------
+    def next_requests(self) -> StageRequests | None:
+        if self.stage_index >= len(STAGES):
+            return None
+        stage = STAGES[self.stage_index]
+        start = time.perf_counter()
+        build = getattr(self, f"_requests_{stage}")
+        messages = {self.ids[u]: envelope(stage, self.session, self.round, SERVER, u,
+                                          build(u)).encode() for u in sorted(self.active)}
+        self._tick(stage, start)
+        return StageRequests(stage, messages)
+
+    def receive(self, stage: str, replies: Mapping[str, bytes]) -> None:
+        if self.stage_index >= len(STAGES) or stage != STAGES[self.stage_index]:
+            raise ProtocolError(f"replies for {stage!r} arrived out of order")
+        start = time.perf_counter()
+        answered: set[int] = set()
+        handler = getattr(self, f"_on_{stage}")
+        for u in sorted(self.active):
+            cid = self.ids[u]
+            data = replies.get(cid)
+            if data is None:
+                continue
+            try:
+                env = self._open(stage, u, data)
+                handler(u, env)
+                answered.add(u)
+            except FedCoLLMSecureError as exc:
+                self.rejected[cid] = f"{stage}: {type(exc).__name__}: {exc}"
+        gone = self.active - answered
+        if stage == UNMASK:
+            self.late_dropouts = sorted(self.ids[u] for u in gone)
+        else:
+            for u in gone:
+                self.dropped[self.ids[u]] = stage
+        self.active = answered
+        getattr(self, f"_after_{stage}")()
+        self.stage_index += 1
+        self._tick(stage, start)
+
+    def result(self) -> SecureSumResult:
+        if self._result is None:
+            raise ProtocolError("the round has not completed")
+        return self._result
+
+    def _tick(self, stage: str, start: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def _open(self, stage: str, u: int, data: bytes) -> Envelope:
+        itemsize = np.dtype(self.params.values.dtype).itemsize
+        max_body = self.length * itemsize if stage == MASKED_INPUT else 0
+        env = decode(data, Limits(max_header=HEADER_LIMIT, max_body=max_body))
+        if env.stage == ERROR and env.protocol == PROTOCOL:
+            raise ProtocolError(f"client refused: {parse_error(env)}")
+        env.expect(protocol=PROTOCOL, stage=stage, session=self.session, round_=self.round,
+                   src=u, dst=SERVER)
+        if stage != ADVERTISE_KEYS:
+            env.verify(VerifyKey(self.bundles[u].sig_pk))
+        return env
+
+    def _require(self, count: int, what: str) -> None:
+        if count < self.params.threshold:
+            raise ThresholdError(f"{what}: {count} clients remain, below the threshold "
+                                 f"{self.params.threshold}; round aborted")
+
+    def _prune_isolated(self, stage: str) -> None:
+        """Drop nodes with too few live neighbours to ever recover their secrets."""
+        changed = True
+        while changed:
+            changed = False
+            for u in sorted(self.active):
+                if len(self.graph[u] & self.active) + 1 < self.params.share_threshold:
+                    self.active.discard(u)
+                    self.dropped[self.ids[u]] = stage
+                    self.rejected[self.ids[u]] = f"{stage}: too few live neighbours"
+                    changed = True
+
+    # --- stage 0 -------------------------------------------------------------------------
+    def _requests_advertise_keys(self, u: int) -> dict[str, object]:
+        p = self.params
+        return {F_N_NODES: p.n_nodes, F_THRESHOLD: p.threshold,
+                F_SHARE_THRESHOLD: p.share_threshold, F_GRAPH: p.graph,
+                F_NEIGHBOURS: sorted(self.graph[u]), F_RING_BITS: p.values.ring_bits,
+                F_LEVELS: p.values.levels, F_CLIP: p.values.clip, F_MAX_WEIGHT: p.weight.clip,
+                F_SPEC: self.spec.to_json()}
+
+    def _on_advertise_keys(self, u: int, env: Envelope) -> None:
+        f = Fields(env, {F_CIPHER_PK, F_MASK_PK, F_SIG_PK, F_BUNDLE_SIG})
+        bundle = KeyBundle(u, f.raw(F_CIPHER_PK, 32), f.raw(F_MASK_PK, 32), f.raw(F_SIG_PK, 32),
+                           f.raw(F_BUNDLE_SIG, 64))
+        key = VerifyKey(bundle.sig_pk)
+        env.verify(key)
+        key.verify(bundle.signature, KeyBundle.signed_bytes(
+            self.session, self.round, u, bundle.cipher_pk, bundle.mask_pk, bundle.sig_pk))
+        load_public_key(bundle.cipher_pk), load_public_key(bundle.mask_pk)
+        self.bundles[u] = bundle
+
+    def _after_advertise_keys(self) -> None:
+        self._prune_isolated(SHARE_KEYS)
+        self._require(len(self.active), "after advertise_keys")
+
+    # --- stage 1 -------------------------------------------------------------------------
+    def _requests_share_keys(self, u: int) -> dict[str, object]:
+        members = (self.graph[u] & self.active) | {u}
+        self.sent_bundles[u] = members - {u}
+        return {F_BUNDLES: bytes_map({v: self.bundles[v].to_bytes() for v in members})}
+
+    def _on_share_keys(self, u: int, env: Envelope) -> None:
+        f = Fields(env, {F_SHARES, F_B_COMMIT})
+        sealed = f.bytes_map(F_SHARES, MAX_NODES, size=SEALED_SHARE_SIZE)
+        if set(sealed) != self.sent_bundles[u]:
+            raise PartyError("shares are not addressed to exactly the forwarded peers")
+        commit = f.raw(F_B_COMMIT, 32)
+        self.sealed[u], self.commits[u] = sealed, commit
+
+    def _after_share_keys(self) -> None:
+        self._prune_isolated(MASKED_INPUT)
+        self._require(len(self.active), "after share_keys")
+
+    # --- stage 2 -------------------------------------------------------------------------
+    def _requests_masked_input(self, u: int) -> dict[str, object]:
+        peers = self.graph[u] & self.active
+        self.peers[u] = frozenset(peers)
+        return {F_SHARES: bytes_map({v: self.sealed[v][u] for v in peers})}
+
+    def _on_masked_input(self, u: int, env: Envelope) -> None:
+        f = Fields(env, {F_LENGTH})
+        dtype = np.dtype(self.params.values.dtype).newbyteorder("<")
+        if f.uint(F_LENGTH) != self.length or len(env.body) != self.length * dtype.itemsize:
+            raise WireFormatError(f"masked vector must have {self.length} elements")
+        vec = np.frombuffer(env.body, dtype=dtype).astype(self.params.values.dtype)
+        bits = self.params.values.ring_bits
+        if bits not in (32, 64) and int(vec.max(initial=0)) > ring_mask(bits):
+            raise WireFormatError("masked vector has elements outside the ring")
+        self.masked[u] = vec
+
+    def _holders(self, u: int) -> frozenset[int]:
+        """Nodes holding shares of u's secrets (u itself included)."""
+        return self.peers.get(u, frozenset()) | {u}
+
+    def _check_recoverable(self, responders: set[int], when: str) -> None:
+        t = self.params.share_threshold
+        u3 = set(self.contributors)
+        for u in u3:
+            if len(self._holders(u) & responders) < t:
+                raise ThresholdError(f"{when}: too few holders of node {u}'s self-mask shares")
+        for d in set(self.peers) - u3:
+            if self.peers[d] & u3 and len(self.peers[d] & responders) < t:
+                raise ThresholdError(f"{when}: too few holders of dropped node {d}'s mask key")
+
+    def _after_masked_input(self) -> None:
+        self.contributors = sorted(self.active)
+        self._require(len(self.active), "after masked_input")
+        self._check_recoverable(set(self.active), "before unmask")
+
+    # --- stage 3 -------------------------------------------------------------------------
+    def _requests_unmask(self, u: int) -> dict[str, object]:
+        known = self.peers[u] | {u}
+        survivors = sorted(known & set(self.contributors))
+        dropped = sorted(known - set(self.contributors))
+        self.unmask_lists[u] = (survivors, dropped)
+        return {F_SURVIVORS: survivors, F_DROPPED: dropped}
+
+    def _on_unmask(self, u: int, env: Envelope) -> None:
+        f = Fields(env, {F_B_SHARES, F_S_SHARES})
+        b = f.bytes_map(F_B_SHARES, MAX_NODES, size=SHARE_SIZE)
+        s = f.bytes_map(F_S_SHARES, MAX_NODES, size=SHARE_SIZE)
+        survivors, dropped = self.unmask_lists[u]
+        if sorted(b) != survivors or sorted(s) != dropped:
+            raise PartyError("revealed shares do not match the unmask request")
+        try:
+            b_sh = {v: Share.from_bytes(raw) for v, raw in b.items()}
+            s_sh = {v: Share.from_bytes(raw) for v, raw in s.items()}
+        except SecretSharingError as exc:
+            raise WireFormatError(str(exc)) from None
+        if any(sh.x != u for sh in (*b_sh.values(), *s_sh.values())):
+            raise PartyError("a revealed share does not carry its holder's index")
+        for v, sh in b_sh.items():
+            self.revealed_b.setdefault(v, {})[u] = sh
+        for v, sh in s_sh.items():
+            self.revealed_s.setdefault(v, {})[u] = sh
+
+    def _after_unmask(self) -> None:
+        self._require(len(self.active), "after unmask")
+        self._check_recoverable(set(self.active), "after unmask")
+        self._result = self._aggregate()
+
+    def _commitment_check(self, u: int, commit: bytes) -> Callable[[bytes], bool]:
+        return lambda seed: b_commitment(self.session, self.round, u, seed) == commit
+
+    def _aggregate(self) -> SecureSumResult:
+        p, t = self.params, self.params.share_threshold
+        acc = np.zeros(self.length, dtype=p.values.dtype)
+        for u in self.contributors:
+            np.add(acc, self.masked[u], out=acc)
+        prg = MaskPRG(self.length, p.values.ring_bits)
+        ctx = kdf_context(self.session, self.round)
+        for u in self.contributors:
+            commit = self.commits[u]
+            seed = reconstruct_secret(self.revealed_b[u].values(), t,
+                                      check=self._commitment_check(u, commit))
+            prg.add_into(acc, seed, -1)
+        u3 = set(self.contributors)
+        for d in sorted(set(self.peers) - u3):
+            live = sorted(self.peers[d] & u3)
+            if not live:
+                continue
+            mask_pk = self.bundles[d].mask_pk
+            raw = reconstruct_secret(self.revealed_s[d].values(), t,
+                                     check=_matches_public_key(mask_pk))
+            private = load_private_key(raw)
+            for u in live:  # u added mask_sign(u, d) * PRG(s_ud); take it out
+                seed = derive_key(agree(private, self.bundles[u].mask_pk), ctx,
+                                  purpose=PURPOSE_PAIR_MASK, pair=ordered(u, d))
+                prg.add_into(acc, seed, -mask_sign(u, d))
+        values = p.values.dequantize(acc[:-1])
+        weight_total = float(p.weight.dequantize(acc[-1:])[0])
+        return SecureSumResult(
+            sum=self.spec.unflatten(values),
+            survivors=[self.ids[u] for u in self.contributors],
+            dropped=dict(self.dropped), weight_total=weight_total, protocol=PROTOCOL_NAME,
+            stats={"server_seconds": self.seconds, "rejected": dict(self.rejected),
+                   "late_dropouts": list(self.late_dropouts),
+                   "server_mask_bytes": prg.bytes_generated,
+                   "params": {"threshold": p.threshold, "share_threshold": t,
+                              "graph": p.graph, "degree": p.degree,
+                              "ring_bits": p.values.ring_bits, "levels": p.values.levels,
+                              "error_bound": p.values.error_bound(len(self.contributors))}})

@@ -1,0 +1,40 @@
+"""The channel interface a server drives stage by stage, and the loop that drives it."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+from ..secagg.base import SecureSumResult, ServerWorkflow
+
+
+class Channel(ABC):
+    """Delivers one stage's requests and collects the replies that arrive in time.
+
+    A client that does not answer (dropped, timed out, or its reply was lost) is simply
+    absent from the returned mapping.
+    """
+
+    @abstractmethod
+    def exchange(self, stage: str, requests: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Send ``requests`` (client id -> bytes); return the replies (client id -> bytes)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Transport statistics (bytes and seconds per client and stage)."""
+        return {}
+
+
+def drive(workflow: ServerWorkflow, channel: Channel) -> SecureSumResult:
+    """Run ``workflow`` to completion over ``channel``; merge transport stats into the result."""
+    seconds: dict[str, float] = {}
+    while (req := workflow.next_requests()) is not None:
+        start = time.perf_counter()
+        replies = channel.exchange(req.stage, req.messages)
+        workflow.receive(req.stage, replies)
+        seconds[req.stage] = time.perf_counter() - start
+    result = workflow.result()
+    result.stats.update(channel.stats())
+    result.stats["stage_seconds"] = seconds
+    return result
