@@ -11,6 +11,7 @@ from .errors import ConfigError, UpdateValidationError
 from .secagg import SecureSumResult, TensorSpec, get_aggregator
 from .secagg.tensors import Update
 from .transport import FaultPlan, InProcessChannel, drive
+from .transport.base import Progress
 from .transport.inprocess import Observer
 
 
@@ -18,7 +19,8 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
                threshold: int | None = None, weights: Mapping[str, float] | None = None,
                drop: Mapping[str, str] | None = None, rng: RandomSource | None = None,
                faults: FaultPlan | None = None, observers: tuple[Observer, ...] = (),
-               round_: int = 0, **options: Any) -> SecureSumResult:
+               round_: int = 0, progress: Progress | None = None,
+               **options: Any) -> SecureSumResult:
     """Aggregate ``updates`` (client id -> {name: array}) with ``protocol``, in process.
 
     Returns the (weighted) sum of the surviving clients' updates; ``weights`` multiply each
@@ -61,4 +63,4 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
                                rng=rng, session=session, round_=round_)
     channel = InProcessChannel(clients, plan)
     channel.observers.extend(observers)
-    return drive(server, channel)
+    return drive(server, channel, progress)

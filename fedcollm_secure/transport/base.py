@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..secagg.base import SecureSumResult, ServerWorkflow
@@ -26,12 +26,18 @@ class Channel(ABC):
         return {}
 
 
-def drive(workflow: ServerWorkflow, channel: Channel) -> SecureSumResult:
+Progress = Callable[[str, int, int], None]  # stage, requests sent, replies received
+
+
+def drive(workflow: ServerWorkflow, channel: Channel,
+          progress: Progress | None = None) -> SecureSumResult:
     """Run ``workflow`` to completion over ``channel``; merge transport stats into the result."""
     seconds: dict[str, float] = {}
     while (req := workflow.next_requests()) is not None:
         start = time.perf_counter()
         replies = channel.exchange(req.stage, req.messages)
+        if progress is not None:
+            progress(req.stage, len(req.messages), len(replies))
         workflow.receive(req.stage, replies)
         seconds[req.stage] = time.perf_counter() - start
     result = workflow.result()
