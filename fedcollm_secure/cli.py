@@ -83,8 +83,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print("report")
+    late = report["late_dropouts"] or "none"
     print(f"  survivors ({len(result.survivors)}): inputs in the sum; "
-          f"dropped: {result.dropped or 'none'}; late dropouts: {report['late_dropouts'] or 'none'}")
+          f"dropped: {result.dropped or 'none'}; late dropouts: {late}")
     print(f"  max |secure - plaintext| = {max_err:.3g} (bound {report['error_bound']:.3g})")
     print(f"  weight total {result.weight_total:.6g}; wall {wall:.2f} s; "
           f"{report['mean_bytes_sent_per_client'] / 1e6:.2f} MB sent per client "

@@ -39,4 +39,5 @@ def open_sealed(key: bytes, sealed: bytes, ad: bytes) -> bytes:
     try:
         return _cipher(key).decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], ad)
     except InvalidTag:
-        raise DecryptionError("AEAD authentication failed (tampered, wrong key or context)") from None
+        raise DecryptionError(
+            "AEAD authentication failed (tampered, wrong key or context)") from None

@@ -81,7 +81,8 @@ class TensorSpec:
         for name, shape in self.entries:
             arr = to_numpy(update[name])
             if tuple(arr.shape) != shape:
-                raise UpdateValidationError(f"{who}: {name} has shape {arr.shape}, expected {shape}")
+                raise UpdateValidationError(
+                    f"{who}: {name} has shape {arr.shape}, expected {shape}")
             flat = arr.astype(np.float64, copy=False).reshape(-1)
             if not np.isfinite(flat).all():
                 raise UpdateValidationError(f"{who}: {name} contains NaN or infinite values")
