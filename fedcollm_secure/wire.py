@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ FLAG_SIGNED = 1
 SERVER = 0  # party index of the server
 DEFAULT_MAX_HEADER = 4 << 20
 DEFAULT_MAX_BODY = 1 << 31
+_CANONICAL_INDEX = re.compile(r"0|[1-9][0-9]{0,18}")
 SIG_LABEL = b"fedcollm-secure/envelope-signature/v1\x00"
 _HEADER_KEYS = {"protocol", "stage", "session", "round", "src", "dst", "fields"}
 
@@ -98,6 +100,17 @@ class Envelope:
             raise PartyError(f"message addressed to {self.dst}, expected {dst}")
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise WireFormatError("header JSON has duplicate keys")
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise WireFormatError(f"header JSON contains the non-standard constant {name}")
+
+
 def signature_message(signed: bytes) -> bytes:
     """What Ed25519 signs: a label and the SHA-256 of the envelope up to the signature.
 
@@ -131,7 +144,8 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
         raise WireFormatError("message length does not match its declared sizes")
     end = PREFIX.size + hlen
     try:
-        header = json.loads(data[PREFIX.size:end].decode("utf-8"))
+        header = json.loads(data[PREFIX.size:end].decode("utf-8"),
+                            object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise WireFormatError(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
@@ -227,7 +241,7 @@ class Fields:
             raise WireFormatError(f"{self.stage}.{name} must be an object of <= {max_len} items")
         out: dict[int, bytes] = {}
         for k, item in v.items():
-            if not (isinstance(k, str) and k.isdigit() and (k == "0" or not k.startswith("0"))):
+            if not (isinstance(k, str) and _CANONICAL_INDEX.fullmatch(k)):
                 raise WireFormatError(f"{self.stage}.{name} keys must be canonical decimals")
             idx = _check_uint(int(k), f"{self.stage}.{name} key")
             out[idx] = unb64(item, f"{self.stage}.{name}[{k}]", size, max_size)

@@ -115,7 +115,7 @@ class MaskingClient(ClientEndpoint):
         """Process one request; raise the typed error of a refusal."""
         if self.state in (ABORTED, DONE):
             raise StageError(f"client {self.client_id} has finished this round ({self.state})")
-        env = decode(request, self.limits)
+        env = decode(request, Limits(max_header=self.limits.max_header, max_body=0))
         expected = STAGES[self.stage_index]
         if env.stage in STAGES and env.stage != expected:
             kind = "duplicated" if STAGES.index(env.stage) < self.stage_index else "out-of-order"
@@ -132,13 +132,17 @@ class MaskingClient(ClientEndpoint):
         return reply
 
     def _check_route(self, env: Envelope, stage: str) -> None:
-        if self.session is None and stage == ADVERTISE_KEYS:
-            self.session, self.round = env.session, env.round  # learnt from the first request
-        env.expect(protocol=PROTOCOL, stage=stage, session=self.session or b"",
-                   round_=self.round if self.round is not None else env.round, src=SERVER,
-                   dst=self.node or None)
+        # A client not told its session learns it from the first advertise_keys request, but
+        # only once that request has passed every routing check.
+        session = self.session
+        if session is None and stage == ADVERTISE_KEYS and self.stage_index == 0:
+            session = env.session
+        round_ = self.round if self.round is not None else env.round
+        env.expect(protocol=PROTOCOL, stage=stage, session=session or b"", round_=round_,
+                   src=SERVER, dst=self.node or None)
         if env.dst < 1:
             raise PartyError("requests must be addressed to a client index >= 1")
+        self.session, self.round = session, round_
 
     def _reply(self, stage: str, fields: dict[str, object], body: bytes = b"") -> bytes:
         return envelope(stage, self.session or b"", self.round or 0, self.node, SERVER, fields,
@@ -169,10 +173,14 @@ class MaskingClient(ClientEndpoint):
         self.n_nodes, self.threshold, self.share_threshold = n, t, share_t
         self.neighbours = frozenset(neighbours)
         max_weight = f.number(F_MAX_WEIGHT)
+        if not (np.isfinite(max_weight) and max_weight > 0):
+            raise PartyError(f"announced max_weight {max_weight} must be finite and positive")
         if self.weight > max_weight:
             raise UpdateValidationError(f"weight {self.weight} exceeds max_weight {max_weight}")
         self.clip = f.number(F_CLIP) / max_weight
         ring_bits = f.uint(F_RING_BITS, 64)
+        if ring_bits < 8:
+            raise PartyError(f"announced ring of {ring_bits} bits is below the minimum of 8")
         levels = f.uint(F_LEVELS, 1 << 62)
         self.values_q = QuantizationSpec(f.number(F_CLIP), ring_bits, levels, n)
         self.weight_q = QuantizationSpec(max_weight, ring_bits, levels, n)

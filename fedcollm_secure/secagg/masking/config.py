@@ -15,9 +15,8 @@ VERSION = 1
 
 
 def default_degree(n: int) -> int:
-    """SecAgg+ neighbourhood size: the even number >= 2*ceil(log2 n), capped at n-1."""
-    k = 2 * math.ceil(math.log2(max(n, 2)))
-    return min(n - 1, k + (k % 2))
+    """SecAgg+ neighbourhood size: 2*ceil(log2 n) (even), capped at n-1."""
+    return min(n - 1, 2 * math.ceil(math.log2(max(n, 2))))
 
 
 @dataclass(frozen=True)

@@ -119,10 +119,11 @@ class MaskingServer(ServerWorkflow):
         self.late_dropouts: list[str] = []
         self.seconds: dict[str, float] = {}
         self._result: SecureSumResult | None = None
+        self.aborted: FedCoLLMSecureError | None = None
 
     # --- driving -------------------------------------------------------------------------
     def next_requests(self) -> StageRequests | None:
-        if self.stage_index >= len(STAGES):
+        if self.stage_index >= len(STAGES) or self.aborted is not None:
             return None
         stage = STAGES[self.stage_index]
         start = time.perf_counter()
@@ -133,6 +134,8 @@ class MaskingServer(ServerWorkflow):
         return StageRequests(stage, messages)
 
     def receive(self, stage: str, replies: Mapping[str, bytes]) -> None:
+        if self.aborted is not None:
+            raise self.aborted
         if self.stage_index >= len(STAGES) or stage != STAGES[self.stage_index]:
             raise ProtocolError(f"replies for {stage!r} arrived out of order")
         start = time.perf_counter()
@@ -156,11 +159,17 @@ class MaskingServer(ServerWorkflow):
             for u in gone:
                 self.dropped[self.ids[u]] = stage
         self.active = answered
-        getattr(self, f"_after_{stage}")()
+        try:
+            getattr(self, f"_after_{stage}")()
+        except FedCoLLMSecureError as exc:
+            self.aborted = exc  # the round is over: no further requests, result() re-raises
+            raise
         self.stage_index += 1
         self._tick(stage, start)
 
     def result(self) -> SecureSumResult:
+        if self.aborted is not None:
+            raise self.aborted
         if self._result is None:
             raise ProtocolError("the round has not completed")
         return self._result
@@ -173,6 +182,8 @@ class MaskingServer(ServerWorkflow):
         max_body = self.length * itemsize if stage == MASKED_INPUT else 0
         env = decode(data, Limits(max_header=HEADER_LIMIT, max_body=max_body))
         if env.stage == ERROR and env.protocol == PROTOCOL:
+            if u in self.bundles:  # its signing key is known: the refusal must be signed
+                env.verify(VerifyKey(self.bundles[u].sig_pk))
             raise ProtocolError(f"client refused: {parse_error(env)}")
         env.expect(protocol=PROTOCOL, stage=stage, session=self.session, round_=self.round,
                    src=u, dst=SERVER)
