@@ -259,11 +259,12 @@ def test_quantization_kat(case: dict[str, Any]) -> None:
     assert [int(x) for x in ring] == as_ints(case["ring"])
     assert [int(x) for x in q.lift(ring)] == as_ints(case["lifted"])
     assert [float(x) for x in q.dequantize(ring)] == case["dequantized"]
-    # the rule in SPEC.md: floor(clip(v) * (levels / clip) + u), clamped, reduced
+    # the rule in SPEC.md: y = clamp(v * scale), floor(y) + (u < frac(y)), reduced
     scale = q.levels / q.clip
     for v, u, r in zip(case["values"], case["uniform"], as_ints(case["ring"]), strict=True):
-        k = int(np.floor(min(max(v, -q.clip), q.clip) * scale + u))
-        k = min(max(k, -q.levels), q.levels)
+        y = min(max(v * scale, -q.levels), q.levels)
+        k = int(np.floor(y)) + (1 if u < y - np.floor(y) else 0)
+        assert abs(k) <= q.levels
         assert k % (1 << q.ring_bits) == r
 
 

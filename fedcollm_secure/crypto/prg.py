@@ -74,6 +74,25 @@ def expand_seed(seed: bytes, length: int, ring_bits: int) -> np.ndarray:
     return MaskPRG(length, ring_bits).expand(seed)
 
 
+class KeystreamWords:
+    """The ChaCha20 keystream of ``seed`` as consecutive little-endian 32-bit words, read in
+    pieces (the same words as ``expand_seed(seed, n, 32)``, without materialising them all)."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._enc = Cipher(algorithms.ChaCha20(_check_seed(seed), _NONCE), mode=None).encryptor()
+        self._zeros = b""
+        self._buf = bytearray()
+
+    def next(self, count: int) -> np.ndarray:
+        """The next ``count`` words (a view valid until the next call)."""
+        nbytes = 4 * count
+        if len(self._zeros) < nbytes:
+            self._zeros = bytes(nbytes)
+            self._buf = bytearray(nbytes + 64)
+        self._enc.update_into(memoryview(self._zeros)[:nbytes], self._buf)
+        return np.frombuffer(self._buf, dtype="<u4", count=count)
+
+
 def uniform01(seed: bytes, length: int) -> np.ndarray:
     """``length`` float64 values uniform on [0, 1) in steps of 2**-32, from ChaCha20."""
     words = MaskPRG(length, 32)._fill(seed)

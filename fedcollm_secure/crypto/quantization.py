@@ -17,8 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError, QuantizationError
-from .prg import SEED_SIZE, ring_dtype, ring_mask, uniform01
+from .prg import SEED_SIZE, KeystreamWords, ring_dtype, ring_mask
 from .randomness import RandomSource, default_random
+
+
+_CHUNK = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -66,19 +69,45 @@ class QuantizationSpec:
     def dtype(self) -> type[np.unsignedinteger]:
         return ring_dtype(self.ring_bits)
 
-    def quantize(self, values: np.ndarray, rng: RandomSource | None = None) -> np.ndarray:
-        """Ring elements for ``values`` (any float array; flattened)."""
-        x = np.array(values, dtype=np.float64).reshape(-1)  # a private copy, edited in place
-        if not np.isfinite(x).all():
+    def quantize(self, values: np.ndarray, rng: RandomSource | None = None, *,
+                 multiplier: float = 1.0, pre_clip: float | None = None,
+                 check_finite: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        """Ring elements for ``multiplier * clip(values, pre_clip)`` (flattened).
+
+        ``pre_clip`` (default ``clip / multiplier``) bounds the values before they are
+        multiplied; the product is always bounded by ``clip``. ``out`` receives the result.
+        """
+        x = np.asarray(values).reshape(-1)
+        if check_finite and not np.isfinite(x).all():
             raise QuantizationError("cannot quantise NaN or infinite values")
-        np.clip(x, -self.clip, self.clip, out=x)
-        x *= self.levels / self.clip
-        # floor(y + u), u ~ U[0, 1): rounds up with probability frac(y), so E[q] = y.
-        seed = (rng or default_random()).bytes(SEED_SIZE)
-        x += uniform01(seed, x.size)
-        np.floor(x, out=x)
-        np.clip(x, -self.levels, self.levels, out=x)
-        q = x.astype(np.int64).astype(self.dtype)  # two's complement wrap = reduction mod 2**64
+        if not (math.isfinite(multiplier) and multiplier >= 0):
+            raise QuantizationError("multiplier must be finite and non-negative")
+        scale = multiplier * self.levels / self.clip
+        bound = float(self.levels)
+        if pre_clip is not None:
+            bound = min(bound, pre_clip * scale)
+        q = out if out is not None else np.empty(x.size, dtype=self.dtype)
+        if q.shape != x.shape or q.dtype != self.dtype:
+            raise QuantizationError("output buffer has the wrong shape or dtype")
+        # Stochastic rounding, k = floor(y) + [u < frac(y)] with u = word / 2**32 from the
+        # ChaCha20 keystream of a fresh seed (E[k] = y; an integer y is never rounded up, so
+        # |k| <= levels). Chunked so that the working set stays in cache.
+        words = KeystreamWords((rng or default_random()).bytes(SEED_SIZE))
+        chunk = min(_CHUNK, max(x.size, 1))
+        y, low, below = np.empty(chunk), np.empty(chunk), np.empty(chunk, dtype=bool)
+        ints = np.empty(chunk, dtype=np.int64)
+        for start in range(0, x.size, chunk):
+            m = min(chunk, x.size - start)
+            yc, lc, bc, ic = y[:m], low[:m], below[:m], ints[:m]
+            np.multiply(x[start:start + m], scale, out=yc, casting="unsafe")
+            np.clip(yc, -bound, bound, out=yc)
+            np.floor(yc, out=lc)
+            yc -= lc
+            yc *= 4294967296.0  # exact: u < frac  <=>  word < frac * 2**32
+            np.less(words.next(m), yc, out=bc)
+            lc += bc
+            ic[...] = lc
+            q[start:start + m] = ic  # two's complement wrap = reduction mod 2**wordsize
         if self.ring_bits not in (32, 64):
             q &= self.dtype(ring_mask(self.ring_bits))
         return q

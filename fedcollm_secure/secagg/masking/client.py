@@ -144,7 +144,8 @@ class MaskingClient(ClientEndpoint):
             raise PartyError("requests must be addressed to a client index >= 1")
         self.session, self.round = session, round_
 
-    def _reply(self, stage: str, fields: dict[str, object], body: bytes = b"") -> bytes:
+    def _reply(self, stage: str, fields: dict[str, object],
+               body: bytes | memoryview = b"") -> bytes:
         return envelope(stage, self.session or b"", self.round or 0, self.node, SERVER, fields,
                         body).encode(self.signer)
 
@@ -261,13 +262,15 @@ class MaskingClient(ClientEndpoint):
             self.held_b[v], self.held_s[v] = b_share, s_share
         self.peers = frozenset(sealed)
         masked = self._mask()
-        return self._reply(MASKED_INPUT, {F_LENGTH: int(masked.size)},
-                           masked.astype(masked.dtype.newbyteorder("<")).tobytes())
+        little = np.ascontiguousarray(masked, dtype=masked.dtype.newbyteorder("<"))
+        return self._reply(MASKED_INPUT, {F_LENGTH: int(masked.size)}, little.data)
 
     def _mask(self) -> np.ndarray:
-        values = np.clip(self.vector, -self.clip, self.clip) * self.weight
-        y = np.concatenate([self.values_q.quantize(values, self.rng),
-                            self.weight_q.quantize(np.array([self.weight]), self.rng)])
+        y = np.empty(self.vector.size + 1, dtype=self.values_q.dtype)
+        # clip to [-clip, clip], then weight; the vector was checked finite by flatten()
+        self.values_q.quantize(self.vector, self.rng, multiplier=self.weight,
+                               pre_clip=self.clip, check_finite=False, out=y[:-1])
+        y[-1:] = self.weight_q.quantize(np.array([self.weight]), self.rng)
         prg = MaskPRG(y.size, self.values_q.ring_bits)
         prg.add_into(y, self.b_seed)
         kctx = kdf_context(self.session or b"", self.round or 0)

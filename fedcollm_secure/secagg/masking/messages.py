@@ -128,7 +128,7 @@ def b_commitment(session: bytes, round_: int, node: int, b_seed: bytes) -> bytes
 
 
 def envelope(stage: str, session: bytes, round_: int, src: int, dst: int,
-             fields: dict[str, object], body: bytes = b"") -> Envelope:
+             fields: dict[str, object], body: bytes | memoryview = b"") -> Envelope:
     return Envelope(protocol=PROTOCOL, stage=stage, session=session, round=round_, src=src,
                     dst=dst, fields=dict(fields), body=body)
 

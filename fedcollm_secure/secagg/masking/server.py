@@ -261,7 +261,7 @@ class MaskingServer(ServerWorkflow):
         dtype = np.dtype(self.params.values.dtype).newbyteorder("<")
         if f.uint(F_LENGTH) != self.length or len(env.body) != self.length * dtype.itemsize:
             raise WireFormatError(f"masked vector must have {self.length} elements")
-        vec = np.frombuffer(env.body, dtype=dtype).astype(self.params.values.dtype)
+        vec = np.frombuffer(env.body, dtype=dtype)  # a view into the message, no copy
         bits = self.params.values.ring_bits
         if bits not in (32, 64) and int(vec.max(initial=0)) > ring_mask(bits):
             raise WireFormatError("masked vector has elements outside the ring")

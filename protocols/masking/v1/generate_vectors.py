@@ -472,8 +472,9 @@ def gen_quantization() -> None:
                        "expected_error": expect_error("QuantizationError", q.quantize, arr,
                                                       FixedBytes(bytes(32)))})
     write("quantization.json", "Fixed-point quantisation into Z_(2**ring_bits): clip to "
-          "[-clip, clip], multiply by (levels / clip), add u = word / 2**32 (ChaCha20 words of a "
-          "fresh 32-byte seed), floor, clamp to [-levels, levels], reduce mod 2**ring_bits; "
+          "[-clip, clip] and multiply by (levels / clip) (as clamp(v * scale, -levels, levels)), "
+          "round up iff u < frac where u = word / 2**32 (ChaCha20 words of a fresh 32-byte "
+          "seed), reduce mod 2**ring_bits; "
           "centred lift and dequantisation (lift * clip / levels). Non-finite values in "
           "must_fail.values are the strings NaN / Infinity / -Infinity.",
           {"kat": kat, "sums": sums, "fit": fits,
