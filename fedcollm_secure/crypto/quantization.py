@@ -114,7 +114,10 @@ class QuantizationSpec:
 
     def lift(self, ring_values: np.ndarray) -> np.ndarray:
         """Centred lift of ring elements to signed int64."""
-        r = np.asarray(ring_values).astype(np.uint64) & np.uint64(ring_mask(self.ring_bits))
+        r = np.asarray(ring_values)
+        if self.ring_bits in (32, 64) and r.dtype == self.dtype:
+            return r.view(np.int32 if self.ring_bits == 32 else np.int64).astype(np.int64)
+        r = r.astype(np.uint64) & np.uint64(ring_mask(self.ring_bits))
         signed = r.astype(np.int64)
         if self.ring_bits < 64:
             half = 1 << (self.ring_bits - 1)
