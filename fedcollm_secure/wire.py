@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
+
+import blake3
 
 from .crypto.signatures import SIGNATURE_SIZE, SigningKey, VerifyKey
 from .errors import PartyError, ReplayError, SessionMismatchError, StageError, WireFormatError
@@ -37,7 +38,7 @@ SERVER = 0  # party index of the server
 DEFAULT_MAX_HEADER = 4 << 20
 DEFAULT_MAX_BODY = 1 << 31
 _CANONICAL_INDEX = re.compile(r"0|[1-9][0-9]{0,18}")
-SIG_LABEL = b"fedcollm-secure/envelope-signature/v1\x00"
+SIG_LABEL = b"fedcollm-secure/envelope-signature/blake3/v1\x00"
 _HEADER_KEYS = {"protocol", "stage", "session", "round", "src", "dst", "fields"}
 
 
@@ -116,14 +117,15 @@ def _no_constants(name: str) -> Any:
 
 
 def signature_message(*signed: bytes | memoryview) -> bytes:
-    """What Ed25519 signs: a label and the SHA-256 of the envelope up to the signature.
+    """What Ed25519 signs: a label and the BLAKE3-256 digest of the envelope before the signature.
 
-    Pre-hashing with SHA-256 (hardware-accelerated on common CPUs) keeps signing a
-    multi-megabyte masked vector cheap; the label separates it from every other signed message.
+    Pre-hashing keeps signing and verifying a multi-megabyte masked vector cheap (BLAKE3 runs
+    at several GB/s per core, SHA-256 well under half that here); the label separates it from
+    every other signed message.
     """
-    digest = hashlib.sha256()
+    digest = blake3.blake3()
     for part in signed:
-        digest.update(part)
+        digest.update(memoryview(part).cast("B"))
     return SIG_LABEL + digest.digest()
 
 

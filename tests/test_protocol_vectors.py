@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 
@@ -373,7 +374,7 @@ def test_envelope_encoding() -> None:
     assert signed.hex() == e["signed_hex"]
     assert signature_message(signed[:-64]).hex() == e["signature_message_hex"]
     assert signature_message(signed[:-64]) == hx(e["signature_label_hex"]) + \
-        hashlib.sha256(signed[:-64]).digest()
+        blake3.blake3(signed[:-64]).digest()
     unsigned = hx(e["unsigned_hex"])
     magic, version, flags, hlen, blen = struct.unpack_from(">3sBBIQ", unsigned)
     assert (magic, version, flags, hlen, blen) == (b"FCS", 1, 0, len(e["header_json"].encode()),
