@@ -8,6 +8,8 @@ words (``ring_bits > 32``), each reduced modulo 2**ring_bits. Every seed is deri
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
@@ -33,8 +35,12 @@ def _check_seed(seed: bytes) -> bytes:
     return bytes(seed)
 
 
+_CHUNK_BYTES = 1 << 18  # keystream is produced in cache-sized pieces
+
+
 class MaskPRG:
-    """Reusable expander for one vector length; avoids reallocating keystream buffers."""
+    """Expander for one vector length. Keystream is produced chunk by chunk into one small
+    reusable buffer, so masking a long vector allocates nothing and stays in cache."""
 
     def __init__(self, length: int, ring_bits: int) -> None:
         if length < 0:
@@ -42,32 +48,52 @@ class MaskPRG:
         self.length = length
         self.ring_bits = ring_bits
         self.dtype = ring_dtype(ring_bits)
-        self._nbytes = length * np.dtype(self.dtype).itemsize
-        self._zeros = bytes(self._nbytes)
-        self._buf = bytearray(self._nbytes + 64)
-        self._view = np.frombuffer(self._buf, dtype=self.dtype, count=length)
+        self._itemsize = np.dtype(self.dtype).itemsize
+        self._chunk = max(1, min(length, _CHUNK_BYTES // self._itemsize))
+        self._zeros = bytes(self._chunk * self._itemsize)
+        self._buf = bytearray(self._chunk * self._itemsize + 64)
+        self._words = np.frombuffer(self._buf, dtype=np.dtype(self.dtype).newbyteorder("<"),
+                                    count=self._chunk)
         self._full = ring_bits in (32, 64)
         self.bytes_generated = 0
 
-    def _fill(self, seed: bytes) -> np.ndarray:
+    def _pieces(self, seed: bytes) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset, keystream words) pieces covering the vector, in order."""
         enc = Cipher(algorithms.ChaCha20(_check_seed(seed), _NONCE), mode=None).encryptor()
-        enc.update_into(self._zeros, self._buf)
-        self.bytes_generated += self._nbytes
-        return self._view
+        zeros = memoryview(self._zeros)
+        for start in range(0, self.length, self._chunk):
+            m = min(self._chunk, self.length - start)
+            enc.update_into(zeros[:m * self._itemsize], self._buf)
+            yield start, self._words[:m]
+        self.bytes_generated += self.length * self._itemsize
 
     def expand(self, seed: bytes) -> np.ndarray:
-        out = self._fill(seed).copy()
+        out = np.empty(self.length, dtype=self.dtype)
+        for start, words in self._pieces(seed):
+            out[start:start + words.size] = words
         if not self._full:
             out &= self.dtype(ring_mask(self.ring_bits))
         return out
 
     def add_into(self, acc: np.ndarray, seed: bytes, sign: int = 1) -> None:
         """acc += sign * PRG(seed), modulo 2**w (w = word size; reduce mod 2**ring_bits later)."""
-        ks = self._fill(seed)
-        if sign > 0:
-            np.add(acc, ks, out=acc)
-        else:
-            np.subtract(acc, ks, out=acc)
+        self.add_many(acc, [(seed, sign)])
+
+    def add_many(self, acc: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
+        """acc += sum of sign * PRG(seed) over ``masks``, chunk by chunk: each piece of ``acc``
+        receives every mask while it is in cache."""
+        if acc.shape != (self.length,):
+            raise CryptoError(f"accumulator must have shape ({self.length},)")
+        streams = [(Cipher(algorithms.ChaCha20(_check_seed(seed), _NONCE), mode=None).encryptor(),
+                    np.add if sign > 0 else np.subtract) for seed, sign in masks]
+        zeros = memoryview(self._zeros)
+        for start in range(0, self.length, self._chunk):
+            m = min(self._chunk, self.length - start)
+            part, words = acc[start:start + m], self._words[:m]
+            for enc, op in streams:
+                enc.update_into(zeros[:m * self._itemsize], self._buf)
+                op(part, words, out=part)
+        self.bytes_generated += len(streams) * self.length * self._itemsize
 
 
 def expand_seed(seed: bytes, length: int, ring_bits: int) -> np.ndarray:
@@ -95,5 +121,4 @@ class KeystreamWords:
 
 def uniform01(seed: bytes, length: int) -> np.ndarray:
     """``length`` float64 values uniform on [0, 1) in steps of 2**-32, from ChaCha20."""
-    words = MaskPRG(length, 32)._fill(seed)
-    return words * (1.0 / (1 << 32))
+    return KeystreamWords(seed).next(length) * (1.0 / (1 << 32))

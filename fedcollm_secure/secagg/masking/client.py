@@ -272,12 +272,12 @@ class MaskingClient(ClientEndpoint):
                                pre_clip=self.clip, check_finite=False, out=y[:-1])
         y[-1:] = self.weight_q.quantize(np.array([self.weight]), self.rng)
         prg = MaskPRG(y.size, self.values_q.ring_bits)
-        prg.add_into(y, self.b_seed)
         kctx = kdf_context(self.session or b"", self.round or 0)
-        for v in sorted(self.peers):
-            seed = derive_key(agree(self.mask_keys.private, self.bundles[v].mask_pk), kctx,
-                              purpose=PURPOSE_PAIR_MASK, pair=ordered(self.node, v))
-            prg.add_into(y, seed, mask_sign(self.node, v))
+        masks = [(self.b_seed, 1)] + [
+            (derive_key(agree(self.mask_keys.private, self.bundles[v].mask_pk), kctx,
+                        purpose=PURPOSE_PAIR_MASK, pair=ordered(self.node, v)),
+             mask_sign(self.node, v)) for v in sorted(self.peers)]
+        prg.add_many(y, masks)
         if self.values_q.ring_bits not in (32, 64):
             y &= y.dtype.type(ring_mask(self.values_q.ring_bits))
         self.mask_bytes_generated = prg.bytes_generated

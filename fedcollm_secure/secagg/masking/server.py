@@ -326,26 +326,26 @@ class MaskingServer(ServerWorkflow):
         acc = np.zeros(self.length, dtype=p.values.dtype)
         for u in self.contributors:
             np.add(acc, self.masked[u], out=acc)
-        prg = MaskPRG(self.length, p.values.ring_bits)
         ctx = kdf_context(self.session, self.round)
+        masks: list[tuple[bytes, int]] = []  # seeds to remove, with the sign to apply
         for u in self.contributors:
-            commit = self.commits[u]
-            seed = reconstruct_secret(self.revealed_b[u].values(), t,
-                                      check=self._commitment_check(u, commit))
-            prg.add_into(acc, seed, -1)
+            masks.append((reconstruct_secret(self.revealed_b[u].values(), t,
+                                             check=self._commitment_check(u, self.commits[u])),
+                          -1))
         u3 = set(self.contributors)
         for d in sorted(set(self.peers) - u3):
             live = sorted(self.peers[d] & u3)
             if not live:
                 continue
-            mask_pk = self.bundles[d].mask_pk
             raw = reconstruct_secret(self.revealed_s[d].values(), t,
-                                     check=_matches_public_key(mask_pk))
+                                     check=_matches_public_key(self.bundles[d].mask_pk))
             private = load_private_key(raw)
             for u in live:  # u added mask_sign(u, d) * PRG(s_ud); take it out
-                seed = derive_key(agree(private, self.bundles[u].mask_pk), ctx,
-                                  purpose=PURPOSE_PAIR_MASK, pair=ordered(u, d))
-                prg.add_into(acc, seed, -mask_sign(u, d))
+                masks.append((derive_key(agree(private, self.bundles[u].mask_pk), ctx,
+                                         purpose=PURPOSE_PAIR_MASK, pair=ordered(u, d)),
+                              -mask_sign(u, d)))
+        prg = MaskPRG(self.length, p.values.ring_bits)
+        prg.add_many(acc, masks)
         values = p.values.dequantize(acc[:-1])
         weight_total = float(p.weight.dequantize(acc[-1:])[0])
         return SecureSumResult(
