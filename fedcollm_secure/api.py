@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +48,8 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
         if protocol == "masking" and "max_weight" not in options:
             options["max_weight"] = max(max(w.values()), 1e-12)
     aggregator = get_aggregator(protocol, **options)
-    plan = faults or FaultPlan()
+    plan = dataclasses.replace(faults or FaultPlan())  # the caller's plan is left unchanged
+    plan.drop = dict(plan.drop)
     for cid, stage in (drop or {}).items():
         if cid not in updates:
             raise ConfigError(f"drop names unknown client {cid!r}")

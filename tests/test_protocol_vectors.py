@@ -387,9 +387,16 @@ def test_envelope_encoding() -> None:
 
 def test_key_bundle_encoding() -> None:
     b = ENC["key_bundle"]
+    digest = M.params_digest(b["advertised_params"])
+    assert digest.hex() == b["params_digest_hex"]
+    # the per-client neighbour list is not part of the digest; every shared parameter is
+    assert M.params_digest({**b["advertised_params"], M.F_NEIGHBOURS: [9]}) == digest
+    for key in M.SHARED_PARAMS:
+        changed = {**b["advertised_params"], key: "changed"}
+        assert M.params_digest(changed) != digest, key
     msg = M.KeyBundle.signed_bytes(hx(b["session_hex"]), b["round"], b["node"],
                                    hx(b["cipher_pk_hex"]), hx(b["mask_pk_hex"]),
-                                   hx(b["sig_pk_hex"]))
+                                   hx(b["sig_pk_hex"]), digest)
     assert msg.hex() == b["signed_bytes_hex"]
     signer = SigningKey(hx(b["signing_key_hex"]))
     assert signer.sign(msg).hex() == b["signature_hex"]

@@ -126,4 +126,7 @@ class QuantizationSpec:
 
     def dequantize(self, ring_values: np.ndarray) -> np.ndarray:
         """Float values of ring elements (a single input or a sum of inputs)."""
-        return self.lift(ring_values).astype(np.float64) * self.step
+        out = self.lift(ring_values).astype(np.float64)
+        out *= self.clip  # lift * clip / levels: exact for exactly representable results
+        out /= self.levels
+        return out

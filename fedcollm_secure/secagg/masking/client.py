@@ -71,6 +71,7 @@ from .messages import (
     kdf_context,
     mask_sign,
     ordered,
+    params_digest,
     parse_share_plaintext,
     share_plaintext,
 )
@@ -187,12 +188,13 @@ class MaskingClient(ClientEndpoint):
         self.weight_q = QuantizationSpec(max_weight, ring_bits, levels, n)
         self.spec = TensorSpec.from_json(f.list_of(F_SPEC, 100_000))
         self.vector = self.spec.flatten(self.update, who=f"client {self.client_id}")
+        self.params_digest = params_digest(env.fields)
         self.cipher_keys = generate_keypair(self.rng)
         self.mask_keys = generate_keypair(self.rng)
         sig_pk = self.signer.verify_key.raw
         bundle_sig = self.signer.sign(KeyBundle.signed_bytes(
             env.session, env.round, self.node, self.cipher_keys.public_bytes,
-            self.mask_keys.public_bytes, sig_pk))
+            self.mask_keys.public_bytes, sig_pk, self.params_digest))
         self.bundle = KeyBundle(self.node, self.cipher_keys.public_bytes,
                                 self.mask_keys.public_bytes, sig_pk, bundle_sig)
         return self._reply(ADVERTISE_KEYS, {
@@ -218,7 +220,8 @@ class MaskingClient(ClientEndpoint):
                 raise PartyError(f"node {v} reuses a public key of another node")
             seen |= {b.cipher_pk, b.mask_pk}
             VerifyKey(b.sig_pk).verify(b.signature, KeyBundle.signed_bytes(
-                env.session, env.round, v, b.cipher_pk, b.mask_pk, b.sig_pk))
+                env.session, env.round, v, b.cipher_pk, b.mask_pk, b.sig_pk,
+                self.params_digest))
             load_public_key(b.cipher_pk), load_public_key(b.mask_pk)
         self.bundles = bundles
         self.b_seed = self.rng.bytes(32)

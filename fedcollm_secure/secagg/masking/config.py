@@ -87,7 +87,8 @@ class RoundParams:
             degree = config.degree if config.degree is not None else default_degree(n_nodes)
             degree = min(degree, n_nodes - 1)
             graph = "complete" if degree == n_nodes - 1 else "k_regular"
-            share_t = config.share_threshold or (degree // 2 + 1)
+            # default: a majority of the degree+1 holders, never above the global threshold
+            share_t = config.share_threshold or min(degree // 2 + 1, t)
             if graph == "complete":
                 share_t = t
         require(2 <= share_t <= degree + 1,

@@ -7,6 +7,7 @@ Field names are constants; every parser checks exact keys, types and sizes, and 
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from dataclasses import dataclass
 
@@ -88,9 +89,10 @@ class KeyBundle:
 
     @staticmethod
     def signed_bytes(session: bytes, round_: int, node: int, cipher_pk: bytes, mask_pk: bytes,
-                     sig_pk: bytes) -> bytes:
+                     sig_pk: bytes, params_digest: bytes) -> bytes:
+        """What the bundle signature covers: the keys, bound to the round's parameters."""
         return encode_fields(BUNDLE_LABEL, session, struct.pack(">QQ", round_, node),
-                             cipher_pk, mask_pk, sig_pk)
+                             cipher_pk, mask_pk, sig_pk, params_digest)
 
     def to_bytes(self) -> bytes:
         return self.cipher_pk + self.mask_pk + self.sig_pk + self.signature
@@ -119,6 +121,20 @@ def parse_share_plaintext(raw: bytes) -> tuple[int, int, bytes, bytes]:
     if offset != len(raw) or [len(p) for p in parts] != [8, 8, SHARE_SIZE, SHARE_SIZE]:
         raise WireFormatError("share plaintext has the wrong layout")
     return (struct.unpack(">Q", parts[0])[0], struct.unpack(">Q", parts[1])[0], parts[2], parts[3])
+
+
+SHARED_PARAMS = (F_N_NODES, F_THRESHOLD, F_SHARE_THRESHOLD, F_GRAPH, F_RING_BITS, F_LEVELS,
+                 F_CLIP, F_MAX_WEIGHT, F_SPEC)
+PARAMS_LABEL = b"masking/v1/round-parameters"
+
+
+def params_digest(fields: dict[str, object]) -> bytes:
+    """SHA-256 of the round parameters every client is announced (all advertise_keys fields
+    but the per-client neighbour list), as canonical JSON. Signed into each key bundle, so a
+    parameter altered in transit, or announced differently to different clients, is caught."""
+    shared = {k: fields[k] for k in SHARED_PARAMS}
+    text = json.dumps(shared, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(encode_fields(PARAMS_LABEL, text.encode())).digest()
 
 
 def b_commitment(session: bytes, round_: int, node: int, b_seed: bytes) -> bytes:

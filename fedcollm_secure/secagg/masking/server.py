@@ -70,6 +70,7 @@ from .messages import (
     kdf_context,
     mask_sign,
     ordered,
+    params_digest,
     parse_error,
 )
 
@@ -102,6 +103,7 @@ class MaskingServer(ServerWorkflow):
             self.graph = complete_graph(nodes)
         else:
             self.graph = harary_graph(nodes, self.params.degree, self.rng)
+        self.params_digest = params_digest(self._requests_advertise_keys(nodes[0]))
         self.stage_index = 0
         self.active: set[int] = set(nodes)
         self.dropped: dict[str, str] = {}
@@ -224,7 +226,8 @@ class MaskingServer(ServerWorkflow):
         key = VerifyKey(bundle.sig_pk)
         env.verify(key)
         key.verify(bundle.signature, KeyBundle.signed_bytes(
-            self.session, self.round, u, bundle.cipher_pk, bundle.mask_pk, bundle.sig_pk))
+            self.session, self.round, u, bundle.cipher_pk, bundle.mask_pk, bundle.sig_pk,
+            self.params_digest))
         load_public_key(bundle.cipher_pk), load_public_key(bundle.mask_pk)
         self.bundles[u] = bundle
 

@@ -559,7 +559,11 @@ def gen_encodings() -> None:
     sig_msg = signature_message(signed[:-64])
     cipher_pk, mask_pk = public_of(r.bytes(32)), public_of(r.bytes(32))
     sig_pk = signer.verify_key.raw
-    bundle_msg = M.KeyBundle.signed_bytes(session, 2, 3, cipher_pk, mask_pk, sig_pk)
+    adv_params = {M.F_N_NODES: 4, M.F_THRESHOLD: 3, M.F_SHARE_THRESHOLD: 3, M.F_GRAPH: "complete",
+              M.F_RING_BITS: 32, M.F_LEVELS: 536870911, M.F_CLIP: 4.0, M.F_MAX_WEIGHT: 1.0,
+              M.F_SPEC: [["bias", [2]], ["weight", [2, 2]]], M.F_NEIGHBOURS: [1, 2, 4]}
+    digest = M.params_digest(adv_params)
+    bundle_msg = M.KeyBundle.signed_bytes(session, 2, 3, cipher_pk, mask_pk, sig_pk, digest)
     bundle_sig = signer.sign(bundle_msg)
     bundle = M.KeyBundle(3, cipher_pk, mask_pk, sig_pk, bundle_sig)
     b_share = Share(4, int.from_bytes(r.bytes(32), "big")).to_bytes()
@@ -606,6 +610,7 @@ def gen_encodings() -> None:
                   "session_hex": session.hex(), "round": 2, "node": 3,
                   "cipher_pk_hex": cipher_pk.hex(), "mask_pk_hex": mask_pk.hex(),
                   "sig_pk_hex": sig_pk.hex(), "signing_key_hex": signer.private_bytes().hex(),
+                  "advertised_params": adv_params, "params_digest_hex": digest.hex(),
                   "signed_bytes_hex": bundle_msg.hex(), "signature_hex": bundle_sig.hex(),
                   "bundle_hex": bundle.to_bytes().hex()},
               "share_plaintext": {"src": 3, "dst": 4, "b_share_hex": b_share.hex(),
@@ -986,7 +991,8 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
     b1, b3 = (base64.b64decode(bundles[k]) for k in ("1", "3"))
     reuse = _b64(b1[:32] + b3[32:])  # node 3's bundle carries node 1's cipher key
     sess = bytes.fromhex(sc["session_hex"])
-    zero_msg = M.KeyBundle.signed_bytes(sess, sc["round"], 3, bytes(32), b3[32:64], b3[64:96])
+    zero_msg = M.KeyBundle.signed_bytes(sess, sc["round"], 3, bytes(32), b3[32:64], b3[64:96],
+                                        clients0["c3"].params_digest)
     zero_bundle = bytes(32) + b3[32:96] + signers["c3"].sign(zero_msg)
     shares = hdr(MI, RQ)["fields"][M.F_SHARES]
     sealed1 = base64.b64decode(shares["1"])
