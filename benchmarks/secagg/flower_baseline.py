@@ -300,7 +300,7 @@ def run_flower_secaggplus(
             nid = rng.randrange(2, 2**63)
             if nid not in node_ids:
                 node_ids.append(nid)
-        vec_of = {nid: np.asarray(v) for nid, v in zip(node_ids, vectors)}
+        vec_of = {nid: np.asarray(v) for nid, v in zip(node_ids, vectors, strict=True)}
 
         shuffled = node_ids[:]
         rng.shuffle(shuffled)
