@@ -21,6 +21,7 @@ import pytest
 
 from fedcollm_secure import errors
 from fedcollm_secure.crypto import InsecureSeededRandomForTests, KdfContext, derive_key
+from fedcollm_secure.crypto.randomness import FixedBytesForTests
 from fedcollm_secure.crypto.aead import associated_data, open_sealed, seal
 from fedcollm_secure.crypto.key_agreement import agree, load_private_key, public_of
 from fedcollm_secure.crypto.prg import expand_seed, uniform01
@@ -68,14 +69,7 @@ def rng(seed: Any) -> InsecureSeededRandomForTests:
     return InsecureSeededRandomForTests(seed, quiet=True)
 
 
-class FixedBytes:
-    def __init__(self, data: bytes) -> None:
-        self.data = bytes(data)
-
-    def bytes(self, n: int) -> bytes:
-        assert n <= len(self.data), "more randomness drawn than the vector provides"
-        out, self.data = self.data[:n], self.data[n:]
-        return out
+FixedBytes = FixedBytesForTests
 
 
 # --- every file ---------------------------------------------------------------------------------

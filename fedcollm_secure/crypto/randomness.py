@@ -51,6 +51,20 @@ class InsecureSeededRandomForTests:
         return self._enc.update(bytes(n))
 
 
+class FixedBytesForTests:
+    """Returns exactly the given bytes, in order, then refuses: pins every random draw of a
+    test vector. Only for tests and test vectors."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytes(data)
+
+    def bytes(self, n: int) -> bytes:
+        if n > len(self.data):
+            raise RuntimeError("FixedBytesForTests: more randomness drawn than was provided")
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
 _DEFAULT = CSPRNG()
 
 

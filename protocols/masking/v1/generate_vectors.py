@@ -32,6 +32,7 @@ import numpy as np
 
 from fedcollm_secure import errors
 from fedcollm_secure.crypto import InsecureSeededRandomForTests, KdfContext, derive_key
+from fedcollm_secure.crypto.randomness import FixedBytesForTests
 from fedcollm_secure.crypto.aead import associated_data, open_sealed, seal
 from fedcollm_secure.crypto.key_agreement import agree, load_private_key, public_of
 from fedcollm_secure.crypto.prg import expand_seed, uniform01
@@ -56,17 +57,7 @@ def rng(seed: str) -> InsecureSeededRandomForTests:
     return InsecureSeededRandomForTests(seed, quiet=True)
 
 
-class FixedBytes:
-    """A RandomSource that returns given bytes (so a vector can pin every random draw)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = bytes(data)
-
-    def bytes(self, n: int) -> bytes:
-        if n > len(self.data):
-            raise RuntimeError("FixedBytes exhausted")
-        out, self.data = self.data[:n], self.data[n:]
-        return out
+FixedBytes = FixedBytesForTests
 
 
 def big(v: int) -> int | str:
