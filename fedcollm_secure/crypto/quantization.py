@@ -99,14 +99,13 @@ class QuantizationSpec:
         for start in range(0, x.size, chunk):
             m = min(chunk, x.size - start)
             yc, lc, bc, ic = y[:m], low[:m], below[:m], ints[:m]
-            np.multiply(x[start:start + m], scale, out=yc, casting="unsafe")
+            np.multiply(x[start:start + m], scale, out=yc, dtype=np.float64)
             np.clip(yc, -bound, bound, out=yc)
             np.floor(yc, out=lc)
             yc -= lc
             yc *= 4294967296.0  # exact: u < frac  <=>  word < frac * 2**32
             np.less(words.next(m), yc, out=bc)
-            lc += bc
-            ic[...] = lc
+            np.add(lc, bc, out=ic, casting="unsafe")  # integral floats: exact as int64
             q[start:start + m] = ic  # two's complement wrap = reduction mod 2**wordsize
         if self.ring_bits not in (32, 64):
             q &= self.dtype(ring_mask(self.ring_bits))

@@ -69,21 +69,25 @@ class TensorSpec:
             raise WireFormatError("tensor spec exceeds the element limit")
         return spec
 
-    def flatten(self, update: Update, *, who: str = "update") -> np.ndarray:
-        """Validate ``update`` against the spec (names, shapes, finiteness); float64 vector."""
+    def flatten(self, update: Update, *, who: str = "update",
+                keep_float32: bool = False) -> np.ndarray:
+        """Validate ``update`` against the spec (names, shapes, finiteness); a float64 vector,
+        or float32 when ``keep_float32`` and every tensor is float32 (values unchanged)."""
         names = set(update)
         expected = {n for n, _ in self.entries}
         if names != expected:
             raise UpdateValidationError(
                 f"{who}: tensor names differ from the spec (missing {sorted(expected - names)}, "
                 f"unexpected {sorted(names - expected)})")
+        arrays = [to_numpy(update[name]) for name, _ in self.entries]
+        dtype = np.float32 if keep_float32 and all(a.dtype == np.float32 for a in arrays) \
+            else np.float64
         parts = []
-        for name, shape in self.entries:
-            arr = to_numpy(update[name])
+        for (name, shape), arr in zip(self.entries, arrays, strict=True):
             if tuple(arr.shape) != shape:
                 raise UpdateValidationError(
                     f"{who}: {name} has shape {arr.shape}, expected {shape}")
-            flat = arr.astype(np.float64, copy=False).reshape(-1)
+            flat = arr.astype(dtype, copy=False).reshape(-1)
             if not np.isfinite(flat).all():
                 raise UpdateValidationError(f"{who}: {name} contains NaN or infinite values")
             parts.append(flat)

@@ -187,7 +187,8 @@ class MaskingClient(ClientEndpoint):
         self.values_q = QuantizationSpec(f.number(F_CLIP), ring_bits, levels, n)
         self.weight_q = QuantizationSpec(max_weight, ring_bits, levels, n)
         self.spec = TensorSpec.from_json(f.list_of(F_SPEC, 100_000))
-        self.vector = self.spec.flatten(self.update, who=f"client {self.client_id}")
+        self.vector = self.spec.flatten(self.update, who=f"client {self.client_id}",
+                                        keep_float32=True)
         self.params_digest = params_digest(env.fields)
         self.cipher_keys = generate_keypair(self.rng)
         self.mask_keys = generate_keypair(self.rng)
@@ -233,9 +234,11 @@ class MaskingClient(ClientEndpoint):
         self.held_s = {self.node: s_shares[self.node].to_bytes()}
         ctx = kdf_context(env.session, env.round)
         sealed = {}
+        self.share_keys = {}  # the pairwise AEAD keys, reused to open the peers' shares
         for v, b in bundles.items():
             key = derive_key(agree(self.cipher_keys.private, b.cipher_pk), ctx,
                              purpose=PURPOSE_SHARE_KEY, pair=ordered(self.node, v))
+            self.share_keys[v] = key
             sealed[v] = seal(key, share_plaintext(self.node, v, b_shares[v].to_bytes(),
                                                   s_shares[v].to_bytes()),
                              associated_data(AD_SHARE, env.session, env.round, self.node, v),
@@ -253,12 +256,9 @@ class MaskingClient(ClientEndpoint):
         if len(sealed) + 1 < self.share_threshold:
             raise PartyError(f"only {len(sealed)} peers shared keys; the share threshold is "
                              f"{self.share_threshold}")
-        ctx = kdf_context(env.session, env.round)
         for v, ct in sealed.items():
-            key = derive_key(agree(self.cipher_keys.private, self.bundles[v].cipher_pk), ctx,
-                             purpose=PURPOSE_SHARE_KEY, pair=ordered(self.node, v))
-            plain = open_sealed(key, ct, associated_data(AD_SHARE, env.session, env.round, v,
-                                                         self.node))
+            ad = associated_data(AD_SHARE, env.session, env.round, v, self.node)
+            plain = open_sealed(self.share_keys[v], ct, ad)
             src, dst, b_share, s_share = parse_share_plaintext(plain)
             if (src, dst) != (v, self.node):
                 raise PartyError(f"share claims route {src}->{dst}, expected {v}->{self.node}")
