@@ -1,0 +1,1 @@
+"""FedCoLLM co-tuning: models, LoRA, data, distillation, training and evaluation."""
