@@ -97,6 +97,11 @@ class TransportTimeout(TransportError):
     """A party did not answer within its deadline."""
 
 
+# --- data ------------------------------------------------------------------------------------
+class DatasetError(FedCoLLMSecureError, ValueError):
+    """Data is missing, malformed, or cannot be split as asked."""
+
+
 # --- privacy -----------------------------------------------------------------------------------
 class PrivacyBudgetError(FedCoLLMSecureError):
     """A privacy budget would be exceeded."""

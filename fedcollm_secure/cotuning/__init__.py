@@ -1,5 +1,18 @@
 """FedCoLLM co-tuning: models, LoRA, data, distillation, training and evaluation."""
 
+from .data import (
+    CausalLMCollator,
+    MCExample,
+    generated_mc_dataset,
+    load_bigbench_mc,
+    load_mc_dataset,
+    partition_by_task,
+    partition_dirichlet,
+    split_public,
+    to_causal_lm_example,
+)
+from .distill import DistillSettings, distillation_loss, sparse_kl, teacher_topk
+from .evaluation import EvalConfig, evaluate_mc, perplexity
 from .lora import (
     LoraSettings,
     adapter_delta,
@@ -11,6 +24,7 @@ from .lora import (
     load_adapter_state,
     save_adapter,
 )
+from .trainer import TrainSettings, client_update, train_lora
 from .models import (
     ModelSpec,
     check_same_tokenizer,
@@ -20,6 +34,11 @@ from .models import (
 )
 
 __all__ = [
+    "CausalLMCollator", "DistillSettings", "EvalConfig", "MCExample", "TrainSettings",
+    "client_update", "distillation_loss", "evaluate_mc", "generated_mc_dataset",
+    "load_bigbench_mc", "load_mc_dataset", "partition_by_task", "partition_dirichlet",
+    "perplexity", "sparse_kl", "split_public", "teacher_topk", "to_causal_lm_example",
+    "train_lora",
     "LoraSettings",
     "ModelSpec",
     "adapter_delta",

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedcollm_secure.cotuning.data import generated_mc_dataset, tokenize_examples
+from fedcollm_secure.cotuning.lora import LoraSettings, adapter_state, apply_delta, attach_lora
+from fedcollm_secure.cotuning.models import load_model, save_tiny_model
+from fedcollm_secure.cotuning.trainer import (
+    TrainSettings, answer_loss, batches, client_update, train_lora,
+)
+from fedcollm_secure.cotuning.data import CausalLMCollator
+from fedcollm_secure.errors import ConfigError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=3,
+                           hidden=48, layers=2)
+
+
+def _peft(tiny_dir: Path) -> tuple[object, object]:
+    model, tok = load_model(str(tiny_dir))
+    return attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)), tok
+
+
+def _mean_loss(model: object, features: list, tok: object) -> float:
+    collate = CausalLMCollator(tok.pad_token_id)  # type: ignore[attr-defined]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        losses = [float(answer_loss(model, b)) for b in batches(features, 16, collate, gen)]
+    return sum(losses) / len(losses)
+
+
+def test_training_lowers_the_answer_loss_on_a_learnable_task(tiny_dir: Path) -> None:
+    model, tok = _peft(tiny_dir)
+    examples = generated_mc_dataset(64, seed=1, tasks=("opposite", "successor"))
+    features = tokenize_examples(examples, tok, max_length=64)
+    before = _mean_loss(model, features, tok)
+    result = train_lora(model, tok, features,
+                        TrainSettings(epochs=4, batch_size=8, learning_rate=5e-3,
+                                      schedule="constant"), seed=0)
+    after = _mean_loss(model, features, tok)
+    assert result.steps == 4 * 8 and result.examples == 4 * 64
+    assert after < 0.8 * before, (before, after)
+
+
+def test_client_update_returns_the_delta_from_the_broadcast_adapter(tiny_dir: Path) -> None:
+    model, tok = _peft(tiny_dir)
+    global_state = adapter_state(model)
+    features = tokenize_examples(generated_mc_dataset(16, seed=2), tok, max_length=64)
+    delta, result = client_update(model, tok, global_state, features,
+                                  TrainSettings(batch_size=8, learning_rate=1e-2), seed=1)
+    assert set(delta) == set(global_state) and result.steps == 2
+    assert any(float(d.abs().max()) > 0 for d in delta.values())
+    trained = adapter_state(model)
+    rebuilt = apply_delta(global_state, delta)
+    for name in trained:
+        torch.testing.assert_close(rebuilt[name], trained[name], rtol=0, atol=1e-7)
+
+
+def test_only_lora_parameters_change(tiny_dir: Path) -> None:
+    model, tok = _peft(tiny_dir)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()  # type: ignore[attr-defined]
+              if not p.requires_grad}
+    features = tokenize_examples(generated_mc_dataset(8, seed=3), tok, max_length=64)
+    train_lora(model, tok, features, TrainSettings(batch_size=4, learning_rate=1e-2), seed=2)
+    for n, p in model.named_parameters():  # type: ignore[attr-defined]
+        if n in frozen:
+            assert torch.equal(frozen[n], p), n
+
+
+def test_max_steps_and_empty_data(tiny_dir: Path) -> None:
+    model, tok = _peft(tiny_dir)
+    features = tokenize_examples(generated_mc_dataset(20, seed=4), tok, max_length=64)
+    r = train_lora(model, tok, features, TrainSettings(batch_size=2, max_steps=3), seed=0)
+    assert r.steps == 3 and len(r.losses) == 3
+    assert train_lora(model, tok, [], TrainSettings()).steps == 0
+
+
+def test_settings_validation() -> None:
+    for bad in ({"epochs": 0}, {"learning_rate": 0.0}, {"schedule": "step"}, {"lr": 1e-3}):
+        with pytest.raises(ConfigError):
+            TrainSettings.from_dict(bad)
