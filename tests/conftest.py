@@ -190,3 +190,15 @@ def sums() -> Any:
 @pytest.fixture(scope="session")
 def edit_env() -> Callable[[bytes, Callable[[Envelope], None]], bytes]:
     return edit_envelope
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """Tiny models gain nothing from threads and lose a lot on a busy 2-core machine; modules
+    that train or run them use one torch thread and restore the setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,6 +10,7 @@ import torch
 
 from fedcollm_secure.config import ConfigError
 from fedcollm_secure.cotuning import evaluation
+from fedcollm_secure.cotuning.models import tiny_word_tokenizer
 from fedcollm_secure.cotuning.data import (
     CausalLMCollator,
     DatasetError,
@@ -36,22 +37,8 @@ from fedcollm_secure.cotuning.evaluation import (
 
 
 def build_word_tokenizer(examples: list[MCExample]) -> Any:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    pre = pre_tokenizers.Whitespace()
-    words: set[str] = set()
-    for ex in examples:
-        for text in [format_prompt(ex), *(format_choice(c) for c in ex.choices)]:
-            words.update(w for w, _ in pre.pre_tokenize_str(text))
-    vocab = {t: i for i, t in enumerate(specials + sorted(words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="[BOS]", eos_token="[EOS]")
+    return tiny_word_tokenizer(text for ex in examples for text in
+                               [format_prompt(ex), *(format_choice(c) for c in ex.choices)])
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2) -> Any:

@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -614,6 +614,27 @@ If it rains, the ground gets wet; if the ground is wet, it may have rained.
 Convert 3 kilometres to metres: 3000 metres. Convert 2 hours to minutes: 120 minutes.
 She opened the window because the room was too warm, and then she felt better.
 """
+
+
+def tiny_word_tokenizer(texts: Iterable[str]) -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` over the words of ``texts`` (whitespace and
+    punctuation split), with [PAD]/[UNK]/[BOS]/[EOS] and a BOS prepended. For tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    pre = pre_tokenizers.Whitespace()
+    words: set[str] = set()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(text))
+    vocab = {t: i for i, t in enumerate(specials + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+        eos_token="[EOS]")
 
 
 def tiny_tokenizer(vocab_size: int = 384, *, add_bos: bool = False, corpus: str | None = None,
