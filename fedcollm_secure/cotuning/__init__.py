@@ -12,6 +12,7 @@ from .data import (
     to_causal_lm_example,
 )
 from .distill import DistillSettings, distillation_loss, sparse_kl, teacher_topk
+from .engine import FedCoLLM, FedCoLLMConfig
 from .evaluation import EvalConfig, evaluate_mc, perplexity
 from .lora import (
     LoraSettings,
@@ -24,6 +25,7 @@ from .lora import (
     load_adapter_state,
     save_adapter,
 )
+from .server import aggregate_deltas, mutual_distill
 from .trainer import TrainSettings, client_update, train_lora
 from .models import (
     ModelSpec,
@@ -34,6 +36,7 @@ from .models import (
 )
 
 __all__ = [
+    "FedCoLLM", "FedCoLLMConfig", "aggregate_deltas", "mutual_distill",
     "CausalLMCollator", "DistillSettings", "EvalConfig", "MCExample", "TrainSettings",
     "client_update", "distillation_loss", "evaluate_mc", "generated_mc_dataset",
     "load_bigbench_mc", "load_mc_dataset", "partition_by_task", "partition_dirichlet",

@@ -1,0 +1,389 @@
+"""FedCoLLM rounds in one process: clients, secure aggregation, mutual distillation.
+
+Round t (DESIGN.md section 1):
+
+1. every client loads the global SLM adapter ``theta_t`` and trains it locally
+   (:func:`trainer.client_update`), giving ``delta_k = theta_k - theta_t``;
+2. the server aggregates the deltas through the configured aggregator
+   (:func:`server.aggregate_deltas`; ``masking`` by default, so it learns only the weighted
+   sum) and sets ``theta = theta_t + mean delta``;
+3. it loads ``theta`` into its SLM copy and runs :func:`server.mutual_distill` with its
+   LLM (whose own LoRA adapter never leaves the server) on the public data;
+4. ``theta_{t+1}`` is the *distilled* SLM adapter, which the next round broadcasts.
+
+Clients run one after another on one SLM model object (each loads ``theta_t`` first), so a
+process holds one LLM and one SLM.
+
+Masking clips every element of a delta to ``[-clip, clip]`` before quantising it. LoRA
+deltas of a round are small (typically well below 0.1 per element), so the engine uses
+``clip = 1.0`` (:data:`DEFAULT_MASKING_CLIP`) unless ``aggregator_options`` sets one. Each
+element of the mean is then within ``n * clip * max_weight / (levels * weight_total)`` of
+the exact mean (``levels = (2^31 - 1) // n`` with the default 32-bit ring: below 5e-9 for
+3 clients). Each round's history records, per client, the fraction of delta elements the
+clip cut (computed on the client's side; a non-zero value means: raise the clip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from ..config import ConfigBase, require
+from ..errors import ConfigError, DatasetError
+from .data import (
+    GENERATED_TASKS,
+    MCExample,
+    PartitionConfig,
+    federated_split,
+    generated_mc_dataset,
+    load_bigbench_mc,
+    load_mc_dataset,
+    tokenize_examples,
+)
+from .distill import DistillSettings
+from .evaluation import EvalConfig, evaluate_mc
+from .lora import (
+    LoraSettings,
+    adapter_state,
+    apply_delta,
+    attach_lora,
+    load_adapter_state,
+)
+from .models import ModelSpec, check_same_tokenizer, derive_slm_by_pruning, load_model
+from .server import aggregate_deltas, mutual_distill
+from .trainer import TrainSettings, client_update
+
+__all__ = ["DEFAULT_MASKING_CLIP", "DataSettings", "FedCoLLM", "FedCoLLMConfig"]
+
+DEFAULT_MASKING_CLIP = 1.0
+"""Elementwise clip of the LoRA deltas under ``masking`` unless the options name one."""
+
+Progress = Callable[[int, str], None]  # round (1-based), phase
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings(ConfigBase):
+    """Where the run's data comes from when the caller passes none.
+
+    ``source``: ``generated`` (the built-in test dataset), ``bigbench`` (the bundled
+    BIG-bench subsets, ``tasks`` selects) or a local file/directory
+    (:func:`data.load_mc_dataset`). ``limit`` caps the training examples (per task for
+    bigbench), ``eval_limit`` the evaluation questions. The public split takes
+    ``public_fraction`` of the training examples; the rest is partitioned over the clients.
+    """
+
+    section: ClassVar[str] = "data"
+    source: str = "generated"
+    tasks: tuple[str, ...] | None = None
+    limit: int | None = 256
+    eval_split: str = "validation"
+    eval_limit: int | None = 64
+    public_fraction: float = 0.2
+    max_length: int = 256
+
+    def validate(self) -> None:
+        require(bool(self.source.strip()), "data.source must not be empty")
+        require(self.limit is None or self.limit >= 1, "data.limit must be >= 1")
+        require(self.eval_limit is None or self.eval_limit >= 0, "data.eval_limit must be >= 0")
+        require(0 < self.public_fraction < 1, "data.public_fraction must be in (0, 1)")
+        require(self.max_length >= 2, "data.max_length must be >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class FedCoLLMConfig(ConfigBase):
+    """One FedCoLLM run.
+
+    The SLM is ``slm`` (a model of the LLM's family with the same tokenizer) or, when that is
+    ``None``, the LLM pruned to ``slm_prune_layers`` decoder layers (an unhealed pruned SLM
+    is near chance on real tasks; DESIGN.md section 4). ``train`` is the clients' local
+    training, ``distill_train`` the server's mutual-distillation schedule (its ``epochs`` is
+    R), ``distill`` the loss. ``aggregator`` is any registered aggregator; its options go in
+    ``aggregator_options`` (``masking`` gets ``clip = 1.0`` unless given). ``weighting``
+    ``examples`` weighs each client's delta by its number of training examples (FedAvg).
+    ``seed`` fixes data splits and example orders (experiments; aggregation randomness
+    always comes from the OS CSPRNG).
+    """
+
+    section: ClassVar[str] = "fedcollm"
+    llm: ModelSpec
+    slm: ModelSpec | None = None
+    slm_prune_layers: int | None = None
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    train: TrainSettings = dataclasses.field(default_factory=TrainSettings)
+    distill: DistillSettings = dataclasses.field(default_factory=DistillSettings)
+    distill_train: TrainSettings = dataclasses.field(default_factory=TrainSettings)
+    rounds: int = 2
+    n_clients: int = 3
+    partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
+    data: DataSettings = dataclasses.field(default_factory=DataSettings)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    aggregator: str = "masking"
+    aggregator_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    threshold: int | None = None
+    weighting: Literal["examples", "uniform"] = "examples"
+    seed: int = 0
+
+    def validate(self) -> None:
+        require((self.slm is None) != (self.slm_prune_layers is None),
+                "give exactly one of fedcollm.slm and fedcollm.slm_prune_layers")
+        require(self.slm_prune_layers is None or self.slm_prune_layers >= 1,
+                "fedcollm.slm_prune_layers must be >= 1")
+        require(self.rounds >= 1, "fedcollm.rounds must be >= 1")
+        require(self.n_clients >= 1, "fedcollm.n_clients must be >= 1")
+        require(bool(self.aggregator.strip()), "fedcollm.aggregator must not be empty")
+        require(isinstance(self.aggregator_options, dict)
+                and all(isinstance(k, str) for k in self.aggregator_options),
+                "fedcollm.aggregator_options must map option names to values")
+        require(self.threshold is None or 1 <= self.threshold <= self.n_clients,
+                "fedcollm.threshold must be in [1, n_clients]")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["aggregator_options"] = dict(self.aggregator_options)
+        return out
+
+    def resolved_aggregator_options(self) -> dict[str, Any]:
+        """The options passed to the aggregator (with the masking clip default filled in)."""
+        options = dict(self.aggregator_options)
+        if self.aggregator == "masking":
+            options.setdefault("clip", DEFAULT_MASKING_CLIP)
+        return options
+
+
+def _seed(*parts: int) -> int:
+    """An experiment seed for one (run seed, round, party): example order, not key material."""
+    entropy = [p % (1 << 32) for p in parts]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint32).view(np.uint64)[0]
+               >> np.uint64(1))
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
+class FedCoLLM:
+    """A FedCoLLM run; models and data are loaded from ``config`` unless passed in.
+
+    ``llm``/``slm`` may be plain causal LMs (a LoRA adapter is attached with
+    ``config.lora``) or peft models; passing a model requires ``tokenizer`` (shared by both).
+    ``client_data`` is one list of examples per client (``config.n_clients`` lists),
+    ``public_data`` the server's public examples, ``eval_data`` the questions both models are
+    scored on after each round (empty: no evaluation).
+    """
+
+    def __init__(self, config: FedCoLLMConfig, *, llm: Any = None, slm: Any = None,
+                 tokenizer: Any = None, client_data: Sequence[Sequence[MCExample]] | None = None,
+                 public_data: Sequence[MCExample] | None = None,
+                 eval_data: Sequence[MCExample] | None = None) -> None:
+        self.config = config
+        self.llm, self.slm, self.tokenizer = self._models(llm, slm, tokenizer)
+        self.client_data, self.public_data, self.eval_data = self._data(
+            client_data, public_data, eval_data)
+        self.client_ids = [f"client-{i}" for i in range(len(self.client_data))]
+        max_length, prompt = config.data.max_length, config.eval.prompt  # train as scored
+        self.client_features = [tokenize_examples(d, self.tokenizer, max_length, prompt=prompt)
+                                for d in self.client_data]
+        self.public_features = tokenize_examples(self.public_data, self.tokenizer, max_length,
+                                                 prompt=prompt)
+        self.global_state = adapter_state(self.slm)
+        self.history: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------------------------------
+    def _models(self, llm: Any, slm: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
+        cfg = self.config
+        if (llm is not None or slm is not None) and tokenizer is None:
+            raise ConfigError("pass tokenizer= with llm= or slm= (both models share it)")
+        if llm is None:
+            llm, llm_tok = load_model(cfg.llm)
+            if tokenizer is not None:
+                check_same_tokenizer(llm_tok, tokenizer, names=("LLM", "given tokenizer"))
+            tokenizer = llm_tok
+        if slm is None:
+            if cfg.slm is not None:
+                slm, slm_tok = load_model(cfg.slm)
+                check_same_tokenizer(tokenizer, slm_tok)
+            else:
+                if _is_peft(llm):
+                    raise ConfigError("pruning needs a plain LLM; pass slm= with a peft llm=")
+                if cfg.slm_prune_layers is None:  # validate() rules this out
+                    raise ConfigError("give fedcollm.slm or fedcollm.slm_prune_layers")
+                slm = derive_slm_by_pruning(llm, cfg.slm_prune_layers)
+        if slm is llm:
+            raise ConfigError("the LLM and the SLM must be different model objects")
+        if not _is_peft(llm):
+            llm = attach_lora(llm, cfg.lora)
+        if not _is_peft(slm):
+            slm = attach_lora(slm, cfg.lora)
+        llm.eval()
+        slm.eval()
+        return llm, slm, tokenizer
+
+    def _data(self, client_data: Sequence[Sequence[MCExample]] | None,
+              public_data: Sequence[MCExample] | None,
+              eval_data: Sequence[MCExample] | None,
+              ) -> tuple[list[list[MCExample]], list[MCExample], list[MCExample]]:
+        cfg = self.config
+        if (client_data is None) != (public_data is None):
+            raise ConfigError("pass both client_data= and public_data=, or neither")
+        if client_data is None or public_data is None:
+            clients, public = federated_split(self._load("train"), cfg.n_clients,
+                                              public_fraction=cfg.data.public_fraction,
+                                              config=cfg.partition)
+        else:
+            clients, public = [list(c) for c in client_data], list(public_data)
+        if len(clients) != cfg.n_clients:
+            raise ConfigError(f"client_data has {len(clients)} clients, config.n_clients is "
+                              f"{cfg.n_clients}")
+        if any(not c for c in clients):
+            raise DatasetError("every client needs at least one training example")
+        if not public:
+            raise DatasetError("the server needs public data for mutual distillation")
+        if eval_data is None:
+            evals = self._load(cfg.data.eval_split) if cfg.data.eval_limit != 0 else []
+            if cfg.data.eval_limit is not None and len(evals) > cfg.data.eval_limit:
+                # a seeded sample in file order, so every task of the split is represented
+                keep = np.random.default_rng(cfg.seed).permutation(len(evals))
+                chosen = sorted(int(i) for i in keep[:cfg.data.eval_limit])
+                evals = [evals[i] for i in chosen]
+        else:
+            evals = list(eval_data)
+        return clients, public, evals
+
+    def _load(self, split: str) -> list[MCExample]:
+        d = self.config.data
+        seed = self.config.seed
+        if d.source == "generated":
+            tasks = d.tasks or GENERATED_TASKS
+            if split == "train":
+                return generated_mc_dataset(d.limit or 256, seed=seed, tasks=tasks)
+            return generated_mc_dataset(d.eval_limit or 64, seed=seed + 1_000_003, tasks=tasks)
+        if d.source == "bigbench":
+            limit = d.limit if split == "train" else None
+            return load_bigbench_mc(d.tasks, split, limit=limit)
+        path = Path(d.source).expanduser()
+        if split == "train":
+            return load_mc_dataset(path, split, limit=d.limit)
+        if path.is_file():
+            raise ConfigError(f"data.source {d.source!r} is a single file and has no "
+                              f"{split!r} split; pass eval_data=, use a directory holding "
+                              f"{split}.jsonl, or set data.eval_limit = 0")
+        return load_mc_dataset(path, split)
+
+    # ---------------------------------------------------------------------------------------
+    def _weights(self) -> dict[str, float] | None:
+        if self.config.weighting == "uniform":
+            return None
+        return {cid: float(len(d)) for cid, d in zip(self.client_ids, self.client_data,
+                                                     strict=True)}
+
+    def _evaluate(self) -> dict[str, dict[str, float]]:
+        if not self.eval_data:
+            return {}
+        e = self.config.eval
+        kwargs: dict[str, Any] = {"prompt": e.prompt, "max_length": e.max_length,
+                                  "prefix_sharing": e.prefix_sharing}
+        return {"llm": evaluate_mc(self.llm, self.tokenizer, self.eval_data, e.batch_size,
+                                   **kwargs),
+                "slm": evaluate_mc(self.slm, self.tokenizer, self.eval_data, e.batch_size,
+                                   **kwargs)}
+
+    def run_round(self, t: int, progress: Progress | None = None) -> dict[str, Any]:
+        """Round ``t`` (1-based): broadcast, local training, aggregation, distillation."""
+        cfg = self.config
+        seconds: dict[str, float] = {}
+        theta_t = {n: v.clone() for n, v in self.global_state.items()}
+
+        def phase(name: str) -> None:
+            if progress is not None:
+                progress(t, name)
+
+        phase("clients")
+        start = time.perf_counter()
+        deltas: dict[str, dict[str, torch.Tensor]] = {}
+        client_loss: dict[str, float] = {}
+        client_steps: dict[str, int] = {}
+        clipped: dict[str, float] = {}
+        options = cfg.resolved_aggregator_options()
+        clip = options.get("clip") if cfg.aggregator == "masking" else None
+        for k, (cid, features) in enumerate(zip(self.client_ids, self.client_features,
+                                                strict=True)):
+            delta, result = client_update(self.slm, self.tokenizer, theta_t, features,
+                                          cfg.train, seed=_seed(cfg.seed, t, k))
+            deltas[cid], client_loss[cid], client_steps[cid] = delta, result.mean_loss, \
+                result.steps
+            if isinstance(clip, (int, float)):
+                over = sum(int((v.abs() > clip).sum()) for v in delta.values())
+                clipped[cid] = over / max(1, sum(v.numel() for v in delta.values()))
+        if any(clipped.values()):
+            warnings.warn(f"round {t}: the masking clip {clip} cut some delta elements "
+                          f"({clipped}); raise aggregator_options.clip", stacklevel=2)
+        seconds["clients"] = time.perf_counter() - start
+
+        phase("aggregate")
+        start = time.perf_counter()
+        mean, secure = aggregate_deltas(deltas, self._weights(), protocol=cfg.aggregator,
+                                        threshold=cfg.threshold, **options)
+        del deltas
+        aggregated = apply_delta(theta_t, mean)
+        seconds["aggregate"] = time.perf_counter() - start
+
+        phase("distill")
+        start = time.perf_counter()
+        load_adapter_state(self.slm, aggregated)
+        distilled = mutual_distill(self.llm, self.slm, self.tokenizer, self.public_features,
+                                   cfg.distill, cfg.distill_train, seed=_seed(cfg.seed, t, -1))
+        self.global_state = adapter_state(self.slm)  # theta_{t+1}: the distilled adapter
+        seconds["distill"] = time.perf_counter() - start
+
+        phase("evaluate")
+        start = time.perf_counter()
+        evaluation = self._evaluate()
+        seconds["evaluate"] = time.perf_counter() - start
+
+        sent = secure.stats.get("bytes_sent", {})
+        received = secure.stats.get("bytes_received", {})
+        wire = {cid: {"sent": int(sum(sent.get(cid, {}).values())),
+                      "received": int(sum(received.get(cid, {}).values()))}
+                for cid in self.client_ids}
+        finite = [v for v in client_loss.values() if math.isfinite(v)]
+        return {
+            "round": t,
+            "aggregator": secure.protocol or cfg.aggregator,
+            "aggregator_options": options,
+            "clipped_fraction": clipped,
+            "survivors": list(secure.survivors),
+            "dropped": dict(secure.dropped),
+            "bytes": wire,
+            "seconds": seconds,
+            "client_loss": client_loss,
+            "client_steps": client_steps,
+            "mean_client_loss": sum(finite) / len(finite) if finite else math.nan,
+            "distill": {"steps": distilled.steps, "order": cfg.distill.order,
+                        "slm_losses": distilled.slm_losses, "llm_losses": distilled.llm_losses,
+                        "mean_slm_loss": distilled.mean_slm_loss,
+                        "mean_llm_loss": distilled.mean_llm_loss},
+            "eval": evaluation,
+        }
+
+    def run(self, progress: Progress | None = None) -> list[dict[str, Any]]:
+        """All ``config.rounds`` rounds; returns (and keeps in ``self.history``) one dict per
+        round."""
+        for t in range(len(self.history) + 1, self.config.rounds + 1):
+            self.history.append(self.run_round(t, progress))
+        return self.history
+
+    def llm_state(self) -> dict[str, torch.Tensor]:
+        """The LLM's LoRA adapter (never leaves the server)."""
+        return adapter_state(self.llm)
+
+    def slm_state(self) -> dict[str, torch.Tensor]:
+        """The current global SLM adapter (what the next round broadcasts)."""
+        return {n: v.clone() for n, v in self.global_state.items()}
