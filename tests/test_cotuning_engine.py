@@ -213,6 +213,9 @@ def test_two_rounds_with_masking_and_three_clients(dirs: tuple[Path, Path]) -> N
         assert h["distill"]["steps"] >= 1 and np.isfinite(h["distill"]["mean_slm_loss"])
         for model in ("llm", "slm"):
             assert h["eval"][model]["n"] == 8 and 0 <= h["eval"][model]["acc"] <= 1
+            per_client = h["eval"][model]["per_client"]  # each client's own test split
+            assert set(per_client) == set(h["survivors"])
+            assert all(r["n"] >= 1 and np.isfinite(r["ppl"]) for r in per_client.values())
     assert run.history is history
 
 

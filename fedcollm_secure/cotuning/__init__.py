@@ -1,5 +1,6 @@
 """FedCoLLM co-tuning: models, LoRA, data, distillation, training and evaluation."""
 
+from .baselines import BASELINES, run_all, run_baseline
 from .data import (
     CausalLMCollator,
     MCExample,
@@ -36,6 +37,7 @@ from .models import (
 )
 
 __all__ = [
+    "BASELINES", "run_all", "run_baseline",
     "FedCoLLM", "FedCoLLMConfig", "aggregate_deltas", "mutual_distill",
     "CausalLMCollator", "DistillSettings", "EvalConfig", "MCExample", "TrainSettings",
     "client_update", "distillation_loss", "evaluate_mc", "generated_mc_dataset",

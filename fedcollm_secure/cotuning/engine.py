@@ -21,6 +21,17 @@ element of the mean is then within ``n * clip * max_weight / (levels * weight_to
 the exact mean (``levels = (2^31 - 1) // n`` with the default 32-bit ring: below 5e-9 for
 3 clients). Each round's history records, per client, the fraction of delta elements the
 clip cut (computed on the client's side; a non-zero value means: raise the clip).
+
+``mode = "fedavg"`` runs the same rounds without step 3 (the FedAvg baseline:
+``theta_{t+1} = theta_t + mean delta``); :mod:`.baselines` builds the other baselines on
+this class.
+
+Evaluation after each round (``history[t]["eval"]``): ``["llm"]`` and ``["slm"]`` hold the
+accuracy on the shared evaluation set (``data.eval_limit`` questions) and, under
+``"per_client"``, each client's own test split (:func:`data.client_test_splits`: the task
+mix of the client's training shard, at most ``data.client_eval_limit`` questions) with
+``acc``, ``acc_norm``, perplexity of the correct answer (``ppl``, ``nll``) and the split's
+task counts; ``"per_client_mean"`` is the unweighted mean over clients.
 """
 
 from __future__ import annotations
@@ -41,15 +52,17 @@ from ..errors import ConfigError, DatasetError
 from .data import (
     GENERATED_TASKS,
     MCExample,
+    client_test_splits,
     PartitionConfig,
     federated_split,
     generated_mc_dataset,
     load_bigbench_mc,
     load_mc_dataset,
+    task_counts,
     tokenize_examples,
 )
 from .distill import DistillSettings
-from .evaluation import EvalConfig, evaluate_mc
+from .evaluation import ChoiceScores, EvalConfig, accuracy, perplexity, score_choices
 from .lora import (
     LoraSettings,
     adapter_state,
@@ -58,7 +71,7 @@ from .lora import (
     load_adapter_state,
 )
 from .models import ModelSpec, check_same_tokenizer, derive_slm_by_pruning, load_model
-from .server import aggregate_deltas, mutual_distill
+from .server import DistillResult, aggregate_deltas, mutual_distill
 from .trainer import TrainSettings, client_update
 
 __all__ = ["DEFAULT_MASKING_CLIP", "DataSettings", "FedCoLLM", "FedCoLLMConfig"]
@@ -76,7 +89,9 @@ class DataSettings(ConfigBase):
     ``source``: ``generated`` (the built-in test dataset), ``bigbench`` (the bundled
     BIG-bench subsets, ``tasks`` selects) or a local file/directory
     (:func:`data.load_mc_dataset`). ``limit`` caps the training examples (per task for
-    bigbench), ``eval_limit`` the evaluation questions. The public split takes
+    bigbench), ``eval_limit`` the questions of the shared evaluation set (0: no evaluation
+    at all), ``client_eval_limit`` those of each client's own test split (0: none). The
+    public split takes
     ``public_fraction`` of the training examples; the rest is partitioned over the clients.
     """
 
@@ -86,6 +101,7 @@ class DataSettings(ConfigBase):
     limit: int | None = 256
     eval_split: str = "validation"
     eval_limit: int | None = 64
+    client_eval_limit: int | None = 16
     public_fraction: float = 0.2
     max_length: int = 256
 
@@ -93,6 +109,8 @@ class DataSettings(ConfigBase):
         require(bool(self.source.strip()), "data.source must not be empty")
         require(self.limit is None or self.limit >= 1, "data.limit must be >= 1")
         require(self.eval_limit is None or self.eval_limit >= 0, "data.eval_limit must be >= 0")
+        require(self.client_eval_limit is None or self.client_eval_limit >= 0,
+                "data.client_eval_limit must be >= 0")
         require(0 < self.public_fraction < 1, "data.public_fraction must be in (0, 1)")
         require(self.max_length >= 2, "data.max_length must be >= 2")
 
@@ -109,7 +127,8 @@ class FedCoLLMConfig(ConfigBase):
     ``aggregator_options`` (``masking`` gets ``clip = 1.0`` unless given). ``weighting``
     ``examples`` weighs each client's delta by its number of training examples (FedAvg).
     ``seed`` fixes data splits and example orders (experiments; aggregation randomness
-    always comes from the OS CSPRNG).
+    always comes from the OS CSPRNG). ``mode`` ``fedavg`` switches the mutual distillation
+    off (the FedAvg baseline through the same rounds).
     """
 
     section: ClassVar[str] = "fedcollm"
@@ -129,6 +148,7 @@ class FedCoLLMConfig(ConfigBase):
     aggregator_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     threshold: int | None = None
     weighting: Literal["examples", "uniform"] = "examples"
+    mode: Literal["fedcollm", "fedavg"] = "fedcollm"
     seed: int = 0
 
     def validate(self) -> None:
@@ -144,6 +164,7 @@ class FedCoLLMConfig(ConfigBase):
                 "fedcollm.aggregator_options must map option names to values")
         require(self.threshold is None or 1 <= self.threshold <= self.n_clients,
                 "fedcollm.threshold must be in [1, n_clients]")
+        require(self.mode in ("fedcollm", "fedavg"), "fedcollm.mode must be fedcollm or fedavg")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -176,18 +197,21 @@ class FedCoLLM:
     ``config.lora``) or peft models; passing a model requires ``tokenizer`` (shared by both).
     ``client_data`` is one list of examples per client (``config.n_clients`` lists),
     ``public_data`` the server's public examples, ``eval_data`` the questions both models are
-    scored on after each round (empty: no evaluation).
+    scored on after each round (empty: no evaluation), ``client_eval_data`` one test split per
+    client (default: drawn from the evaluation pool with each client's task mix).
     """
 
     def __init__(self, config: FedCoLLMConfig, *, llm: Any = None, slm: Any = None,
                  tokenizer: Any = None, client_data: Sequence[Sequence[MCExample]] | None = None,
                  public_data: Sequence[MCExample] | None = None,
-                 eval_data: Sequence[MCExample] | None = None) -> None:
+                 eval_data: Sequence[MCExample] | None = None,
+                 client_eval_data: Sequence[Sequence[MCExample]] | None = None) -> None:
         self.config = config
         self.llm, self.slm, self.tokenizer = self._models(llm, slm, tokenizer)
         self.client_data, self.public_data, self.eval_data = self._data(
             client_data, public_data, eval_data)
         self.client_ids = [f"client-{i}" for i in range(len(self.client_data))]
+        self.client_eval_data = self._client_eval(client_eval_data)
         max_length, prompt = config.data.max_length, config.eval.prompt  # train as scored
         self.client_features = [tokenize_examples(d, self.tokenizer, max_length, prompt=prompt)
                                 for d in self.client_data]
@@ -257,6 +281,29 @@ class FedCoLLM:
             evals = list(eval_data)
         return clients, public, evals
 
+    def _client_eval(self, given: Sequence[Sequence[MCExample]] | None,
+                     ) -> list[list[MCExample]]:
+        """Each client's test split, drawn from the shared evaluation set (so one scoring
+        pass of a model serves both): the task mix of the client's training shard (tasks the
+        set lacks are left out; a client none of whose tasks is in it gets none)."""
+        cfg = self.config
+        if given is not None:
+            out = [list(c) for c in given]
+            if len(out) != len(self.client_data):
+                raise ConfigError(f"client_eval_data has {len(out)} clients, config.n_clients "
+                                  f"is {len(self.client_data)}")
+            return out
+        limit = cfg.data.client_eval_limit
+        if limit == 0 or not self.eval_data:
+            return [[] for _ in self.client_data]
+        tasks = {e.task for e in self.eval_data}
+        out = []
+        for k, shard in enumerate(self.client_data):
+            known = [e for e in shard if e.task in tasks]
+            out.append(client_test_splits(self.eval_data, [known], n_per_client=limit,
+                                          seed=_seed(cfg.seed, k, -3))[0] if known else [])
+        return out
+
     def _load(self, split: str) -> list[MCExample]:
         d = self.config.data
         seed = self.config.seed
@@ -284,16 +331,80 @@ class FedCoLLM:
         return {cid: float(len(d)) for cid, d in zip(self.client_ids, self.client_data,
                                                      strict=True)}
 
-    def _evaluate(self) -> dict[str, dict[str, float]]:
-        if not self.eval_data:
-            return {}
+    def _eval_kwargs(self) -> dict[str, Any]:
         e = self.config.eval
-        kwargs: dict[str, Any] = {"prompt": e.prompt, "max_length": e.max_length,
-                                  "prefix_sharing": e.prefix_sharing}
-        return {"llm": evaluate_mc(self.llm, self.tokenizer, self.eval_data, e.batch_size,
-                                   **kwargs),
-                "slm": evaluate_mc(self.slm, self.tokenizer, self.eval_data, e.batch_size,
-                                   **kwargs)}
+        return {"prompt": e.prompt, "max_length": e.max_length}
+
+    def _score(self, model: Any, examples: Sequence[MCExample]) -> list[ChoiceScores]:
+        e = self.config.eval
+        return score_choices(model, self.tokenizer, examples, batch_size=e.batch_size,
+                             prefix_sharing=e.prefix_sharing, **self._eval_kwargs())
+
+    def _evaluate_split(self, model: Any, examples: Sequence[MCExample],
+                        scores: Sequence[ChoiceScores] | None = None) -> dict[str, Any]:
+        """Accuracy (``acc``, ``acc_norm``) and answer perplexity of ``model`` on one split
+        (``scores``: its multiple-choice scores when already computed)."""
+        e = self.config.eval
+        start = time.perf_counter()
+        mc = accuracy(self._score(model, examples) if scores is None else scores)
+        ppl = perplexity(model, self.tokenizer, examples, e.batch_size, on=e.perplexity_on,
+                         **self._eval_kwargs())
+        return {"acc": mc["acc"], "acc_norm": mc["acc_norm"], "n": mc["n"], "ppl": ppl["ppl"],
+                "nll": ppl["nll"], "tasks": task_counts(examples),
+                "seconds": time.perf_counter() - start}
+
+    @staticmethod
+    def _mean(per_client: dict[str, dict[str, Any]]) -> dict[str, float]:
+        out: dict[str, float] = {"n_clients": float(len(per_client))}
+        for key in ("acc", "acc_norm", "ppl"):
+            values = [float(r[key]) for r in per_client.values()]
+            out[key] = sum(values) / len(values) if values else math.nan
+        return out
+
+    def evaluate(self, slm_states: dict[str, dict[str, torch.Tensor]] | None = None,
+                 *, models: Sequence[str] = ("llm", "slm")) -> dict[str, Any]:
+        """Evaluate the LLM and the SLM; nothing is trained (inference mode).
+
+        The SLM is the global adapter (``self.global_state``) unless ``slm_states`` maps
+        each client id to its own adapter (standalone training): then client ``k``'s SLM is
+        scored on client ``k``'s split only and the shared set is skipped for the SLM. The
+        global adapter is loaded back afterwards.
+        """
+        out: dict[str, Any] = {}
+        has_splits = any(self.client_eval_data)
+        for which in models:
+            if which not in ("llm", "slm"):
+                raise ConfigError(f"evaluate: unknown model {which!r} (llm or slm)")
+            model = self.llm if which == "llm" else self.slm
+            if which == "slm":
+                load_adapter_state(self.slm, self.global_state)
+            entry: dict[str, Any] = {}
+            by_id: dict[int, ChoiceScores] = {}
+            if self.eval_data and not (which == "slm" and slm_states is not None):
+                start = time.perf_counter()
+                scores = self._score(model, self.eval_data)
+                seconds = time.perf_counter() - start
+                entry.update(accuracy(scores), seconds=seconds,
+                             seconds_per_question=seconds / len(self.eval_data))
+                by_id = {id(ex): sc for ex, sc in zip(self.eval_data, scores, strict=True)}
+            if has_splits:
+                per_client: dict[str, dict[str, Any]] = {}
+                for cid, split in zip(self.client_ids, self.client_eval_data, strict=True):
+                    if not split:
+                        continue
+                    if which == "slm" and slm_states is not None:
+                        load_adapter_state(self.slm, slm_states[cid])
+                    known = [by_id.get(id(ex)) for ex in split]
+                    reuse = None if any(sc is None for sc in known) else [
+                        sc for sc in known if sc is not None]
+                    per_client[cid] = self._evaluate_split(model, split, reuse)
+                entry["per_client"] = per_client
+                entry["per_client_mean"] = self._mean(per_client)
+            if which == "slm":
+                load_adapter_state(self.slm, self.global_state)
+            if entry:
+                out[which] = entry
+        return out
 
     def run_round(self, t: int, progress: Progress | None = None) -> dict[str, Any]:
         """Round ``t`` (1-based): broadcast, local training, aggregation, distillation."""
@@ -335,17 +446,21 @@ class FedCoLLM:
         aggregated = apply_delta(theta_t, mean)
         seconds["aggregate"] = time.perf_counter() - start
 
-        phase("distill")
         start = time.perf_counter()
         load_adapter_state(self.slm, aggregated)
-        distilled = mutual_distill(self.llm, self.slm, self.tokenizer, self.public_features,
-                                   cfg.distill, cfg.distill_train, seed=_seed(cfg.seed, t, -1))
+        if cfg.mode == "fedcollm":
+            phase("distill")
+            distilled = mutual_distill(self.llm, self.slm, self.tokenizer, self.public_features,
+                                       cfg.distill, cfg.distill_train,
+                                       seed=_seed(cfg.seed, t, -1))
+        else:  # fedavg: theta_{t+1} = theta_t + mean delta
+            distilled = DistillResult()
         self.global_state = adapter_state(self.slm)  # theta_{t+1}: the distilled adapter
         seconds["distill"] = time.perf_counter() - start
 
         phase("evaluate")
         start = time.perf_counter()
-        evaluation = self._evaluate()
+        evaluation = self.evaluate()
         seconds["evaluate"] = time.perf_counter() - start
 
         sent = secure.stats.get("bytes_sent", {})
@@ -356,6 +471,7 @@ class FedCoLLM:
         finite = [v for v in client_loss.values() if math.isfinite(v)]
         return {
             "round": t,
+            "mode": cfg.mode,
             "aggregator": secure.protocol or cfg.aggregator,
             "aggregator_options": options,
             "clipped_fraction": clipped,
@@ -366,7 +482,8 @@ class FedCoLLM:
             "client_loss": client_loss,
             "client_steps": client_steps,
             "mean_client_loss": sum(finite) / len(finite) if finite else math.nan,
-            "distill": {"steps": distilled.steps, "order": cfg.distill.order,
+            "distill": {"steps": distilled.steps,
+                        "order": cfg.distill.order if cfg.mode == "fedcollm" else None,
                         "slm_losses": distilled.slm_losses, "llm_losses": distilled.llm_losses,
                         "mean_slm_loss": distilled.mean_slm_loss,
                         "mean_llm_loss": distilled.mean_llm_loss},
