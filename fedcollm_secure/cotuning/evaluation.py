@@ -46,11 +46,12 @@ restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -181,6 +182,18 @@ class _ModelIO:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.logits[keep].float(), out
 
+
+
+@contextlib.contextmanager
+def _evaluating(model: Any) -> Iterator[None]:
+    """``eval()`` under ``torch.inference_mode()``; the model's training flag is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per row, without materialising the full log-softmax."""
@@ -342,21 +355,16 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, examples: Sequence[MCE
     order = sorted(range(len(items)), key=lambda i: (
         -(len(items[i].prompt) + max(map(len, items[i].choices))), i))
     results: list[list[float] | None] = [None] * len(items)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                batch = [items[i] for i in idx]
-                share = _should_share(io, [len(it.prompt) for it in batch],
-                                      [[len(c) for c in it.choices] for it in batch],
-                                      prefix_sharing)
-                scores = (_score_shared if share else _score_full)(io, batch, pad_id)
-                for i, s in zip(idx, scores, strict=True):
-                    results[i] = s
-    finally:
-        model.train(was_training)
+    with _evaluating(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = [items[i] for i in idx]
+            share = _should_share(io, [len(it.prompt) for it in batch],
+                                  [[len(c) for c in it.choices] for it in batch],
+                                  prefix_sharing)
+            scores = (_score_shared if share else _score_full)(io, batch, pad_id)
+            for i, s in zip(idx, scores, strict=True):
+                results[i] = s
     out: list[ChoiceScores] = []
     for ex, item, res in zip(examples, items, results, strict=True):
         if res is None:  # pragma: no cover - every index is visited exactly once above
@@ -436,29 +444,24 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, examples: Sequence[MCExam
     io = _ModelIO(model)
     total_nll = 0.0
     total_tokens = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(seqs), batch_size):
-                batch = seqs[s:s + batch_size]
-                width = max(len(ids) for ids, _ in batch)
-                ids_t = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                keep = torch.zeros((len(batch), width), dtype=torch.bool)
-                targets: list[int] = []
-                for r, (ids, first) in enumerate(batch):
-                    ids_t[r, :len(ids)] = torch.tensor(ids)
-                    mask[r, :len(ids)] = 1
-                    keep[r, first - 1:len(ids) - 1] = True
-                    targets.extend(ids[first:])
-                logits, _ = io.selected_logits(ids_t.to(io.device), mask.to(io.device),
-                                               keep.to(io.device), use_cache=False)
-                lp = _token_logprobs(logits, torch.tensor(targets, device=io.device))
-                total_nll -= float(lp.double().sum())
-                total_tokens += len(targets)
-    finally:
-        model.train(was_training)
+    with _evaluating(model):
+        for s in range(0, len(seqs), batch_size):
+            batch = seqs[s:s + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            ids_t = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            keep = torch.zeros((len(batch), width), dtype=torch.bool)
+            targets: list[int] = []
+            for r, (ids, first) in enumerate(batch):
+                ids_t[r, :len(ids)] = torch.tensor(ids)
+                mask[r, :len(ids)] = 1
+                keep[r, first - 1:len(ids) - 1] = True
+                targets.extend(ids[first:])
+            logits, _ = io.selected_logits(ids_t.to(io.device), mask.to(io.device),
+                                           keep.to(io.device), use_cache=False)
+            lp = _token_logprobs(logits, torch.tensor(targets, device=io.device))
+            total_nll -= float(lp.double().sum())
+            total_tokens += len(targets)
     nll = total_nll / total_tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "n": len(examples),
             "seconds": time.perf_counter() - start}
