@@ -27,8 +27,16 @@ class DecryptionError(CryptoError):
     """AEAD decryption failed: wrong key, wrong associated data, or tampered ciphertext."""
 
 
-class SignatureError(CryptoError):
+class AuthenticationError(CryptoError):
+    """A message is not authentic: its signature or MAC did not verify."""
+
+
+class SignatureError(AuthenticationError):
     """A signature did not verify, or a signer is unknown."""
+
+
+class MacError(AuthenticationError):
+    """A message authentication code did not verify, or is missing."""
 
 
 class KeyFormatError(CryptoError):
@@ -105,6 +113,21 @@ class DatasetError(FedCoLLMSecureError, ValueError):
 # --- privacy -----------------------------------------------------------------------------------
 class PrivacyBudgetError(FedCoLLMSecureError):
     """A privacy budget would be exceeded."""
+
+
+# --- co-tuning -------------------------------------------------------------------------------
+class BridgeError(FedCoLLMSecureError, ValueError):
+    """Two tokenizers cannot be bridged: no aligned positions or no mappable teacher mass."""
+
+
+# --- homomorphic encryption (ckks) ----------------------------------------------------------
+class HEContextError(CryptoError):
+    """A homomorphic-encryption context is malformed, has other parameters than configured,
+    or carries keys its holder must not have (e.g. a secret key at the aggregator)."""
+
+
+class CiphertextError(ProtocolError):
+    """A ciphertext is cut, corrupted, or made for another context, session or round."""
 
 
 __all__ = [name for name in dir() if name.endswith("Error") or name == "TransportTimeout"]

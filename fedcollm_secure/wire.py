@@ -4,11 +4,13 @@ Layout (all integers big-endian)::
 
     0   4  magic+version  b"FCS" || WIRE_VERSION
     4   1  flags          bit 0: a 64-byte Ed25519 signature trails the message
+                          bit 1: a 16-byte one-time Poly1305 tag trails it instead
     5   4  header_len
     9   8  body_len
     17  .. header         canonical UTF-8 JSON object (sorted keys, no spaces)
     ..  .. body           raw bytes (e.g. a little-endian ring vector), may be empty
     ..  64 signature      over every byte before it, present iff flag bit 0
+    ..  16 MAC tag        over every byte before it, present iff flag bit 1 (never both)
 
 Sizes are checked against limits, and against the actual length, before any JSON is parsed.
 The header always carries ``protocol``, ``stage``, ``session`` (hex), ``round``, ``src``,
@@ -27,13 +29,22 @@ from typing import Any
 
 import blake3
 
+from .crypto.mac import MAC_TAG_SIZE, mac_tag, verify_mac
 from .crypto.signatures import SIGNATURE_SIZE, SigningKey, VerifyKey
-from .errors import PartyError, ReplayError, SessionMismatchError, StageError, WireFormatError
+from .errors import (
+    MacError,
+    PartyError,
+    ReplayError,
+    SessionMismatchError,
+    StageError,
+    WireFormatError,
+)
 
 MAGIC = b"FCS"
 WIRE_VERSION = 1
 PREFIX = struct.Struct(">3sBBIQ")
 FLAG_SIGNED = 1
+FLAG_MAC = 2
 SERVER = 0  # party index of the server
 DEFAULT_MAX_HEADER = 4 << 20
 DEFAULT_MAX_BODY = 1 << 31
@@ -64,6 +75,7 @@ class Envelope:
     body: bytes | memoryview = b""  # decode() returns a zero-copy view into the message
     signature: bytes | None = None
     signed_bytes: bytes | memoryview = b""  # filled by decode(): what the signature covers
+    mac: bytes | None = None  # filled by decode(): the Poly1305 tag, if the sender MACed
 
     def header_json(self) -> bytes:
         header = {"protocol": self.protocol, "stage": self.stage, "session": self.session.hex(),
@@ -71,14 +83,26 @@ class Envelope:
         return json.dumps(header, sort_keys=True, separators=(",", ":"),
                           allow_nan=False).encode()
 
-    def encode(self, signer: SigningKey | None = None) -> bytes:
+    def encode(self, signer: SigningKey | None = None, *, mac_key: bytes | None = None) -> bytes:
+        """The message bytes, signed by ``signer`` or authenticated with the one-time
+        Poly1305 ``mac_key`` (cheaper for bulk bodies; the key must never be reused)."""
+        if signer is not None and mac_key is not None:
+            raise ValueError("an envelope is either signed or MACed, not both")
         header = self.header_json()
-        flags = FLAG_SIGNED if signer is not None else 0
+        flags = FLAG_SIGNED if signer is not None else FLAG_MAC if mac_key is not None else 0
         head = PREFIX.pack(MAGIC, WIRE_VERSION, flags, len(header), nbytes(self.body)) + header
         parts: list[bytes | memoryview] = [head, self.body]
         if signer is not None:
             parts.append(signer.sign(signature_message(head, self.body)))
+        elif mac_key is not None:
+            parts.append(mac_tag(mac_key, head, self.body))
         return b"".join(parts)
+
+    def verify_mac(self, key: bytes) -> None:
+        """Raise :class:`MacError` unless the envelope carries a valid tag under ``key``."""
+        if self.mac is None:
+            raise MacError(f"{self.stage} message from {self.src} carries no MAC")
+        verify_mac(key, self.mac, self.signed_bytes)
 
     def verify(self, key: VerifyKey) -> None:
         """Raise :class:`SignatureError` unless the envelope is signed by ``key``."""
@@ -144,11 +168,11 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
         raise WireFormatError("bad magic: not a fedcollm_secure message")
     if version != WIRE_VERSION:
         raise WireFormatError(f"unsupported wire version {version} (this is {WIRE_VERSION})")
-    if flags & ~FLAG_SIGNED:
+    if flags & ~(FLAG_SIGNED | FLAG_MAC) or flags == FLAG_SIGNED | FLAG_MAC:
         raise WireFormatError(f"unknown flags {flags:#x}")
     if hlen > limits.max_header or blen > limits.max_body:
         raise WireFormatError(f"message exceeds size limits (header {hlen}, body {blen})")
-    sig_len = SIGNATURE_SIZE if flags & FLAG_SIGNED else 0
+    sig_len = SIGNATURE_SIZE if flags & FLAG_SIGNED else MAC_TAG_SIZE if flags & FLAG_MAC else 0
     if len(data) != PREFIX.size + hlen + blen + sig_len:
         raise WireFormatError("message length does not match its declared sizes")
     end = PREFIX.size + hlen
@@ -174,7 +198,8 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
         protocol=header["protocol"], stage=header["stage"], session=session,
         round=header["round"], src=header["src"], dst=header["dst"], fields=header["fields"],
         body=memoryview(data)[end:end + blen],
-        signature=data[end + blen:] if sig_len else None,
+        signature=data[end + blen:] if flags & FLAG_SIGNED else None,
+        mac=data[end + blen:] if flags & FLAG_MAC else None,
         signed_bytes=memoryview(data)[:end + blen],
     )
 

@@ -18,6 +18,7 @@ from typing import Any
 import blake3
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from fedcollm_secure import errors
 from fedcollm_secure.crypto import InsecureSeededRandomForTests, KdfContext, derive_key
@@ -33,6 +34,7 @@ from fedcollm_secure.secagg.masking import messages as M
 from fedcollm_secure.secagg.masking.config import default_degree
 from fedcollm_secure.secagg.masking.graph import harary_graph
 from fedcollm_secure.secagg.tensors import TensorSpec
+from fedcollm_secure.crypto.mac import mac_tag
 from fedcollm_secure.wire import Envelope, decode, signature_message
 
 VECTOR_DIR = Path(__file__).resolve().parents[1] / "protocols" / "masking" / "v1" / "vectors"
@@ -254,12 +256,17 @@ def test_quantization_kat(case: dict[str, Any]) -> None:
     assert [int(x) for x in ring] == as_ints(case["ring"])
     assert [int(x) for x in q.lift(ring)] == as_ints(case["lifted"])
     assert [float(x) for x in q.dequantize(ring)] == case["dequantized"]
-    # the rule in SPEC.md: y = clamp(v * scale), floor(y) + (u < frac(y)), reduced
+    # the rule in SPEC.md: y = clamp(v * scale * 2**F), Y = trunc(y),
+    # k = (Y + (word >> (32 - F))) >> F, reduced
+    f = min(32, 62 - q.levels.bit_length())
     scale = q.levels / q.clip
-    for v, u, r in zip(case["values"], case["uniform"], as_ints(case["ring"]), strict=True):
-        y = min(max(v * scale, -q.levels), q.levels)
-        k = int(np.floor(y)) + (1 if u < y - np.floor(y) else 0)
+    bound = q.levels * 2.0**f
+    words = as_ints(case["uniform_words"])
+    for v, w, r in zip(case["values"], words, as_ints(case["ring"]), strict=True):
+        y = min(max(v * scale * 2.0**f, -bound), bound)
+        k = (int(y) + (w >> (32 - f))) >> f
         assert abs(k) <= q.levels
+        assert abs(k - v * scale) < 1 or abs(v) > q.clip
         assert k % (1 << q.ring_bits) == r
 
 
@@ -377,6 +384,14 @@ def test_envelope_encoding() -> None:
     got = decode(hx(e["signed_hex"]))
     assert got.fields == e["fields"] and got.body.hex() == e["body_hex"]
     got.verify(VerifyKey(hx(e["verify_key_hex"])))
+    # the MACed form: flag bit 1 and a one-time Poly1305 tag over everything before it
+    key = M.client_mac_key(hx(e["mac_shared_secret_hex"]), M.kdf_context(env.session, env.round),
+                           e["mac_node"], env.stage)
+    assert key.hex() == e["mac_key_hex"]
+    maced = env.encode(mac_key=key)
+    assert maced.hex() == e["maced_hex"] and maced[4] == 2
+    assert Poly1305.generate_tag(key, maced[:-16]) == maced[-16:]
+    decode(maced).verify_mac(key)
 
 
 def test_key_bundle_encoding() -> None:
@@ -622,7 +637,8 @@ def unsigned(header: Any, body: bytes, text: bytes | None = None) -> bytes:
 
 
 def apply_edits(data: bytes, edits: list[dict[str, Any]], signers: dict[str, SigningKey],
-                sender: str, genuine: dict[tuple[str, str, str], bytes]) -> bytes:
+                sender: str, genuine: dict[tuple[str, str, str], bytes],
+                clients: dict[str, MaskingClient] | None = None) -> bytes:
     for e in edits:
         op = e["op"]
         if op in ("set", "delete", "set_body", "set_header_text"):
@@ -644,9 +660,17 @@ def apply_edits(data: bytes, edits: list[dict[str, Any]], signers: dict[str, Sig
             b[4] |= 1
             data = bytes(b) + signers[sender if e["key"] == "sender" else e["key"]].sign(
                 signature_message(bytes(b)))
-        elif op == "strip_signature":
-            b = bytearray(data[:-64])
-            b[4] &= 0xFE
+        elif op == "mac":
+            assert clients is not None
+            c = clients[sender if e["key"] == "sender" else e["key"]]
+            key = M.client_mac_key(c.server_secret, M.kdf_context(c.session or b"", c.round or 0),
+                                   c.node, split(data)[0]["stage"])
+            b = bytearray(data)
+            b[4] |= 2
+            data = bytes(b) + mac_tag(key, bytes(b))
+        elif op == "strip_trailer":
+            b = bytearray(data[:len(data) - (64 if data[4] & 1 else 16 if data[4] & 2 else 0)])
+            b[4] &= 0xFC
             data = bytes(b)
         elif op == "flip_bit":
             b = bytearray(data)
@@ -673,6 +697,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     drops = case["drops"] if "drops" in case else (sc["drop"] or {})
     genuine: dict[tuple[str, str, str], bytes] = {}
     signers: dict[str, SigningKey] = {}
+    clients0: dict[str, MaskingClient] = {}
     if "edits" in case:
         _, clients0, log = honest_run(sc, drops)
         genuine = {(s, d, c): b for s, d, c, b in log}
@@ -688,7 +713,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                 continue
             target = at_stage and case["client"] == cid
             if target and case["direction"] == "request":
-                data = apply_edits(msg, case["edits"], signers, "server", genuine)
+                data = apply_edits(msg, case["edits"], signers, "server", genuine, clients0)
                 seen: dict[str, Any] = {"delivered": data}
                 try:
                     clients[cid].process(data)
@@ -704,7 +729,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                 return seen
             reply = clients[cid].process(msg)
             if target and case["direction"] == "reply":
-                reply = apply_edits(reply, case["edits"], signers, cid, genuine)
+                reply = apply_edits(reply, case["edits"], signers, cid, genuine, clients0)
                 delivered = reply
             replies[cid] = reply
         outcome, raised = "continues", None

@@ -375,3 +375,38 @@ def test_altered_round_parameters_are_caught_not_summed(field: str, value: Any) 
     reason = rejected_as(result, "c2", "advertise_keys")
     assert "SignatureError" in reason
     assert_exact(result)
+
+
+# --- the MAC on masked inputs ----------------------------------------------------------------
+def test_masked_vector_is_macd_and_a_flipped_body_bit_is_a_mac_error() -> None:
+    reply = baseline()[("masked_input", "c1", "reply")]
+    env = decode(reply)
+    assert env.mac is not None and env.signature is None
+    body_start = len(reply) - 16 - len(env.body)
+    plan = FaultPlan(tamper=[Tamper("c1", "masked_input", "reply",
+                                    flip_bit(body_start + len(env.body) // 2, 3))])
+    result = run(plan)
+    assert "MacError" in rejected_as(result, "c1", "masked_input")
+    assert_exact(result)
+
+
+def test_masked_input_signed_instead_of_macd_is_rejected() -> None:
+    """A masked vector re-wrapped under another authenticator (here an Ed25519 signature by a
+    stranger) is refused: only the MAC under the client's own round key is accepted."""
+    from fedcollm_secure.crypto import generate_signing_key
+
+    stranger = generate_signing_key(InsecureSeededRandomForTests(3, quiet=True))
+    plan = FaultPlan(tamper=[Tamper("c2", "masked_input", "reply",
+                                    lambda b: decode(b).encode(stranger))])
+    result = run(plan)
+    assert "MacError" in rejected_as(result, "c2", "masked_input")
+    assert_exact(result)
+
+
+def test_server_round_key_swapped_in_transit_is_caught_at_advertise() -> None:
+    other = base64.b64encode(bytes(range(1, 33))).decode()
+    plan = FaultPlan(tamper=[Tamper("c3", "advertise_keys", "request",
+                                    _edit_advertised("server_pk", other))])
+    result = run(plan, threshold=3)
+    assert "SignatureError" in rejected_as(result, "c3", "advertise_keys")
+    assert_exact(result)

@@ -7,7 +7,8 @@ import pytest
 
 from fedcollm_secure.crypto import generate_signing_key
 from fedcollm_secure.errors import (
-    PartyError, ReplayError, SessionMismatchError, SignatureError, StageError, WireFormatError,
+    FedCoLLMSecureError, PartyError, ReplayError, SessionMismatchError, SignatureError,
+    StageError, WireFormatError,
 )
 from fedcollm_secure.wire import PREFIX, Envelope, Fields, Limits, b64, decode
 
@@ -115,3 +116,36 @@ def test_fields_typed_access() -> None:
     with pytest.raises(WireFormatError):
         f.uint_list("l", 1)
     assert struct.calcsize(">3sBBIQ") == PREFIX.size == 17
+
+
+def test_mac_envelope_round_trip_and_refusals() -> None:
+    from fedcollm_secure.errors import MacError
+    from fedcollm_secure.wire import FLAG_MAC
+
+    key, other = bytes(range(32)), bytes(range(1, 33))
+    env = Envelope(protocol="p", stage="s", session=b"\x01" * 16, round=2, src=1, dst=0,
+                   fields={"length": 3}, body=b"abc")
+    data = env.encode(mac_key=key)
+    assert data[4] == FLAG_MAC and len(data) == PREFIX.size + len(env.header_json()) + 3 + 16
+    got = decode(data)
+    got.verify_mac(key)
+    with pytest.raises(MacError):
+        got.verify_mac(other)
+    with pytest.raises(SignatureError):  # a MACed envelope is not a signed one
+        got.verify(generate_signing_key().verify_key)
+    for i in range(len(data)):
+        tampered = bytearray(data)
+        tampered[i] ^= 1
+        try:
+            decode(bytes(tampered)).verify_mac(key)
+        except FedCoLLMSecureError:
+            continue
+        raise AssertionError(f"flipped byte {i} was accepted")
+    with pytest.raises(MacError):
+        decode(env.encode()).verify_mac(key)
+    both = bytearray(data)
+    both[4] = 3
+    with pytest.raises(WireFormatError):
+        decode(bytes(both))
+    with pytest.raises(ValueError):
+        env.encode(generate_signing_key(), mac_key=key)

@@ -12,6 +12,7 @@ The decoded float sum differs from the sum of the clipped inputs by less than
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,17 @@ from .prg import SEED_SIZE, KeystreamWords, ring_dtype, ring_mask
 from .randomness import RandomSource, default_random
 
 
-_CHUNK = 1 << 15
+_CHUNK = 1 << 16
+
+
+def _pieces(parts: list[np.ndarray], chunk: int) -> Iterator[tuple[int, np.ndarray, int, int]]:
+    """(offset in the concatenation, part, start in part, length) pieces of at most ``chunk``."""
+    at = 0
+    for x in parts:
+        for start in range(0, x.size, chunk):
+            m = min(chunk, x.size - start)
+            yield at, x, start, m
+            at += m
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,12 @@ class QuantizationSpec:
         return cls(clip=clip, ring_bits=ring_bits, levels=levels, max_summands=max_summands)
 
     @property
+    def fraction_bits(self) -> int:
+        """F, the fixed-point fraction bits of stochastic rounding: levels * 2**F + 2**F
+        must stay below 2**63."""
+        return min(32, 62 - self.levels.bit_length())
+
+    @property
     def step(self) -> float:
         """One quantum in input units."""
         return self.clip / self.levels
@@ -69,44 +86,50 @@ class QuantizationSpec:
     def dtype(self) -> type[np.unsignedinteger]:
         return ring_dtype(self.ring_bits)
 
-    def quantize(self, values: np.ndarray, rng: RandomSource | None = None, *,
+    def quantize(self, values: np.ndarray | Sequence[np.ndarray],
+                 rng: RandomSource | None = None, *,
                  multiplier: float = 1.0, pre_clip: float | None = None,
                  check_finite: bool = True, out: np.ndarray | None = None) -> np.ndarray:
         """Ring elements for ``multiplier * clip(values, pre_clip)`` (flattened).
 
-        ``pre_clip`` (default ``clip / multiplier``) bounds the values before they are
+        ``values`` may be a list of arrays, quantised as their concatenation without building
+        it. ``pre_clip`` (default ``clip / multiplier``) bounds the values before they are
         multiplied; the product is always bounded by ``clip``. ``out`` receives the result.
         """
-        x = np.asarray(values).reshape(-1)
-        if check_finite and not np.isfinite(x).all():
+        parts = [np.asarray(values).reshape(-1)] if isinstance(values, np.ndarray) else [
+            np.asarray(v).reshape(-1) for v in values]
+        size = sum(p.size for p in parts)
+        if check_finite and not all(np.isfinite(p).all() for p in parts):
             raise QuantizationError("cannot quantise NaN or infinite values")
         if not (math.isfinite(multiplier) and multiplier >= 0):
             raise QuantizationError("multiplier must be finite and non-negative")
-        scale = multiplier * self.levels / self.clip
+        frac_bits = self.fraction_bits
+        scale = multiplier * self.levels / self.clip * float(1 << frac_bits)
         bound = float(self.levels)
         if pre_clip is not None:
-            bound = min(bound, pre_clip * scale)
-        q = out if out is not None else np.empty(x.size, dtype=self.dtype)
-        if q.shape != x.shape or q.dtype != self.dtype:
+            bound = min(bound, pre_clip * multiplier * self.levels / self.clip)
+        bound *= float(1 << frac_bits)  # exact: a power-of-two scaling
+        q = out if out is not None else np.empty(size, dtype=self.dtype)
+        if q.shape != (size,) or q.dtype != self.dtype:
             raise QuantizationError("output buffer has the wrong shape or dtype")
-        # Stochastic rounding, k = floor(y) + [u < frac(y)] with u = word / 2**32 from the
-        # ChaCha20 keystream of a fresh seed (E[k] = y; an integer y is never rounded up, so
-        # |k| <= levels). Chunked so that the working set stays in cache.
+        # Stochastic rounding in fixed point with F = fraction_bits bits: Y = trunc(y * 2**F),
+        # k = (Y + w) >> F with w the top F bits of a ChaCha20 keystream word of a fresh seed.
+        # P(k = floor(y) + 1) = (Y mod 2**F) / 2**F, so E[k] = Y / 2**F = y to within 2**-F;
+        # an integer y is never rounded up, so |k| <= levels. Chunked to stay in cache.
         words = KeystreamWords((rng or default_random()).bytes(SEED_SIZE))
-        chunk = min(_CHUNK, max(x.size, 1))
-        y, low, below = np.empty(chunk), np.empty(chunk), np.empty(chunk, dtype=bool)
-        ints = np.empty(chunk, dtype=np.int64)
-        for start in range(0, x.size, chunk):
-            m = min(chunk, x.size - start)
-            yc, lc, bc, ic = y[:m], low[:m], below[:m], ints[:m]
+        chunk = min(_CHUNK, max(size, 1))
+        y, fixed = np.empty(chunk), np.empty(chunk, dtype=np.int64)
+        for at, x, start, m in _pieces(parts, chunk):
+            yc, fc = y[:m], fixed[:m]
             np.multiply(x[start:start + m], scale, out=yc, dtype=np.float64)
             np.clip(yc, -bound, bound, out=yc)
-            np.floor(yc, out=lc)
-            yc -= lc
-            yc *= 4294967296.0  # exact: u < frac  <=>  word < frac * 2**32
-            np.less(words.next(m), yc, out=bc)
-            np.add(lc, bc, out=ic, casting="unsafe")  # integral floats: exact as int64
-            q[start:start + m] = ic  # two's complement wrap = reduction mod 2**wordsize
+            np.copyto(fc, yc, casting="unsafe")  # truncation toward zero
+            w = words.next(m)
+            if frac_bits < 32:
+                w = w >> np.uint32(32 - frac_bits)
+            np.add(fc, w, out=fc)
+            np.right_shift(fc, frac_bits, out=fc)  # arithmetic: floor division by 2**F
+            q[at:at + m] = fc  # two's complement wrap = reduction mod 2**wordsize
         if self.ring_bits not in (32, 64):
             q &= self.dtype(ring_mask(self.ring_bits))
         return q
@@ -125,7 +148,13 @@ class QuantizationSpec:
 
     def dequantize(self, ring_values: np.ndarray) -> np.ndarray:
         """Float values of ring elements (a single input or a sum of inputs)."""
-        out = self.lift(ring_values).astype(np.float64)
-        out *= self.clip  # lift * clip / levels: exact for exactly representable results
+        r = np.asarray(ring_values)
+        out = np.empty(r.shape, dtype=np.float64)
+        if self.ring_bits in (32, 64) and r.dtype == self.dtype:  # one pass: view, convert
+            np.multiply(r.view(np.int32 if self.ring_bits == 32 else np.int64), self.clip,
+                        out=out)
+        else:
+            np.multiply(self.lift(r), self.clip, out=out)
+        # lift * clip / levels: exact for exactly representable results
         out /= self.levels
         return out

@@ -73,6 +73,12 @@ class TensorSpec:
                 keep_float32: bool = False) -> np.ndarray:
         """Validate ``update`` against the spec (names, shapes, finiteness); a float64 vector,
         or float32 when ``keep_float32`` and every tensor is float32 (values unchanged)."""
+        parts = self.flat_parts(update, who=who, keep_float32=keep_float32)
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def flat_parts(self, update: Update, *, who: str = "update",
+                   keep_float32: bool = False) -> list[np.ndarray]:
+        """:meth:`flatten` without the concatenation: validated 1-D views, in spec order."""
         names = set(update)
         expected = {n for n, _ in self.entries}
         if names != expected:
@@ -91,7 +97,7 @@ class TensorSpec:
             if not np.isfinite(flat).all():
                 raise UpdateValidationError(f"{who}: {name} contains NaN or infinite values")
             parts.append(flat)
-        return np.concatenate(parts) if parts else np.zeros(0)
+        return parts
 
     def unflatten(self, vector: np.ndarray) -> dict[str, np.ndarray]:
         out, offset = {}, 0

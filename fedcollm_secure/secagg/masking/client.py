@@ -51,6 +51,7 @@ from .messages import (
     F_RING_BITS,
     F_S_SHARES,
     F_SHARE_THRESHOLD,
+    F_SERVER_PK,
     F_SHARES,
     F_SIG_PK,
     F_SPEC,
@@ -67,6 +68,7 @@ from .messages import (
     KeyBundle,
     b_commitment,
     envelope,
+    client_mac_key,
     error_fields,
     kdf_context,
     mask_sign,
@@ -147,13 +149,19 @@ class MaskingClient(ClientEndpoint):
 
     def _reply(self, stage: str, fields: dict[str, object],
                body: bytes | memoryview = b"") -> bytes:
-        return envelope(stage, self.session or b"", self.round or 0, self.node, SERVER, fields,
-                        body).encode(self.signer)
+        """advertise_keys travels unsigned (its key bundle is signed); later replies carry a
+        one-time Poly1305 tag under a key only this client and the server can derive."""
+        env = envelope(stage, self.session or b"", self.round or 0, self.node, SERVER, fields,
+                       body)
+        if stage == ADVERTISE_KEYS:
+            return env.encode()
+        ctx = kdf_context(self.session or b"", self.round or 0)
+        return env.encode(mac_key=client_mac_key(self.server_secret, ctx, self.node, stage))
 
     # --- stage 0: advertise keys ---------------------------------------------------------
     def _on_advertise_keys(self, env: Envelope) -> bytes:
         f = Fields(env, {F_N_NODES, F_THRESHOLD, F_SHARE_THRESHOLD, F_GRAPH, F_NEIGHBOURS,
-                         F_RING_BITS, F_LEVELS, F_CLIP, F_MAX_WEIGHT, F_SPEC})
+                         F_RING_BITS, F_LEVELS, F_CLIP, F_MAX_WEIGHT, F_SPEC, F_SERVER_PK})
         n = f.uint(F_N_NODES, MAX_NODES)
         self.node = env.dst
         t, share_t = f.uint(F_THRESHOLD, MAX_NODES), f.uint(F_SHARE_THRESHOLD, MAX_NODES)
@@ -187,11 +195,14 @@ class MaskingClient(ClientEndpoint):
         self.values_q = QuantizationSpec(f.number(F_CLIP), ring_bits, levels, n)
         self.weight_q = QuantizationSpec(max_weight, ring_bits, levels, n)
         self.spec = TensorSpec.from_json(f.list_of(F_SPEC, 100_000))
-        self.vector = self.spec.flatten(self.update, who=f"client {self.client_id}",
-                                        keep_float32=True)
+        self.parts = self.spec.flat_parts(self.update, who=f"client {self.client_id}",
+                                          keep_float32=True)
+        server_pk = f.raw(F_SERVER_PK, 32)
+        load_public_key(server_pk)
         self.params_digest = params_digest(env.fields)
         self.cipher_keys = generate_keypair(self.rng)
         self.mask_keys = generate_keypair(self.rng)
+        self.server_secret = agree(self.cipher_keys.private, server_pk)
         sig_pk = self.signer.verify_key.raw
         bundle_sig = self.signer.sign(KeyBundle.signed_bytes(
             env.session, env.round, self.node, self.cipher_keys.public_bytes,
@@ -269,9 +280,9 @@ class MaskingClient(ClientEndpoint):
         return self._reply(MASKED_INPUT, {F_LENGTH: int(masked.size)}, little.data)
 
     def _mask(self) -> np.ndarray:
-        y = np.empty(self.vector.size + 1, dtype=self.values_q.dtype)
-        # clip to [-clip, clip], then weight; the vector was checked finite by flatten()
-        self.values_q.quantize(self.vector, self.rng, multiplier=self.weight,
+        y = np.empty(self.spec.size + 1, dtype=self.values_q.dtype)
+        # clip to [-clip, clip], then weight; the parts were checked finite by flat_parts()
+        self.values_q.quantize(self.parts, self.rng, multiplier=self.weight,
                                pre_clip=self.clip, check_finite=False, out=y[:-1])
         y[-1:] = self.weight_q.quantize(np.array([self.weight]), self.rng)
         prg = MaskPRG(y.size, self.values_q.ring_bits)

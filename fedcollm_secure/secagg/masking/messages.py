@@ -11,7 +11,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-from ...crypto.kdf import KdfContext, encode_fields
+from ...crypto.kdf import KdfContext, derive_key, encode_fields
 from ...crypto.shamir import SHARE_SIZE
 from ...errors import WireFormatError
 from ...wire import Envelope, Fields, b64, bytes_map
@@ -36,6 +36,7 @@ F_LEVELS = "levels"
 F_CLIP = "clip"
 F_MAX_WEIGHT = "max_weight"
 F_SPEC = "tensor_spec"
+F_SERVER_PK = "server_pk"
 F_CIPHER_PK = "cipher_pk"
 F_MASK_PK = "mask_pk"
 F_SIG_PK = "sig_pk"
@@ -59,6 +60,7 @@ MAX_NODES = 1 << 20
 # KDF purposes and AEAD labels
 PURPOSE_SHARE_KEY = "share-encryption"
 PURPOSE_PAIR_MASK = "pairwise-mask"
+PURPOSE_CLIENT_MAC = "client-message-mac"
 AD_SHARE = "masking/v1/share"
 BUNDLE_LABEL = b"masking/v1/key-bundle"
 COMMIT_LABEL = b"masking/v1/self-mask-commitment"
@@ -124,7 +126,7 @@ def parse_share_plaintext(raw: bytes) -> tuple[int, int, bytes, bytes]:
 
 
 SHARED_PARAMS = (F_N_NODES, F_THRESHOLD, F_SHARE_THRESHOLD, F_GRAPH, F_RING_BITS, F_LEVELS,
-                 F_CLIP, F_MAX_WEIGHT, F_SPEC)
+                 F_CLIP, F_MAX_WEIGHT, F_SPEC, F_SERVER_PK)
 PARAMS_LABEL = b"masking/v1/round-parameters"
 
 
@@ -135,6 +137,16 @@ def params_digest(fields: dict[str, object]) -> bytes:
     shared = {k: fields[k] for k in SHARED_PARAMS}
     text = json.dumps(shared, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(encode_fields(PARAMS_LABEL, text.encode())).digest()
+
+
+def client_mac_key(shared_secret: bytes, ctx: KdfContext, node: int, stage: str) -> bytes:
+    """The one-time Poly1305 key of ``node``'s ``stage`` reply. ``shared_secret`` is the
+    X25519 secret of the node's cipher key and the server's round key; the cipher key is bound
+    to the node by its signed key bundle. Replies after advertise_keys are MACed, not signed:
+    Poly1305 is about twice as fast as BLAKE3 on a masked vector, and an Ed25519 check costs
+    more than everything else the server does per share_keys or unmask reply."""
+    return derive_key(shared_secret, ctx, purpose=f"{PURPOSE_CLIENT_MAC}/{stage}",
+                      pair=(0, node))
 
 
 def b_commitment(session: bytes, round_: int, node: int, b_seed: bytes) -> bytes:

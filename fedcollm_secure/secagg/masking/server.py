@@ -14,20 +14,28 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from ...crypto.kdf import derive_key
-from ...crypto.key_agreement import agree, load_private_key, load_public_key, public_of
+from ...crypto.mac import MacStream
+from ...crypto.key_agreement import (
+    agree,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    public_of,
+)
 from ...crypto.prg import MaskPRG, ring_mask
 from ...crypto.randomness import RandomSource, default_random
 from ...crypto.shamir import SHARE_SIZE, Share, reconstruct_secret
 from ...crypto.signatures import VerifyKey
 from ...errors import (
     FedCoLLMSecureError,
+    MacError,
     PartyError,
     ProtocolError,
     SecretSharingError,
     ThresholdError,
     WireFormatError,
 )
-from ...wire import SERVER, Envelope, Fields, Limits, bytes_map, decode
+from ...wire import SERVER, Envelope, Fields, Limits, b64, bytes_map, decode
 from ..base import SecureSumResult, ServerWorkflow, StageRequests
 from ..tensors import TensorSpec
 from .config import PROTOCOL, PROTOCOL_NAME, MaskingConfig, RoundParams
@@ -52,6 +60,7 @@ from .messages import (
     F_RING_BITS,
     F_S_SHARES,
     F_SHARE_THRESHOLD,
+    F_SERVER_PK,
     F_SHARES,
     F_SIG_PK,
     F_SPEC,
@@ -66,6 +75,7 @@ from .messages import (
     UNMASK,
     KeyBundle,
     b_commitment,
+    client_mac_key,
     envelope,
     kdf_context,
     mask_sign,
@@ -75,6 +85,7 @@ from .messages import (
 )
 
 HEADER_LIMIT = 4 << 20
+_SUM_CHUNK = 1 << 16  # ring elements per piece when MACing and summing a masked vector
 
 
 def _matches_public_key(public: bytes) -> Callable[[bytes], bool]:
@@ -103,17 +114,19 @@ class MaskingServer(ServerWorkflow):
             self.graph = complete_graph(nodes)
         else:
             self.graph = harary_graph(nodes, self.params.degree, self.rng)
+        self.round_keys = generate_keypair(self.rng)  # authenticates masked inputs (MAC keys)
         self.params_digest = params_digest(self._requests_advertise_keys(nodes[0]))
         self.stage_index = 0
         self.active: set[int] = set(nodes)
         self.dropped: dict[str, str] = {}
         self.rejected: dict[str, str] = {}
         self.bundles: dict[int, KeyBundle] = {}
+        self.shared: dict[int, bytes] = {}  # X25519(server round key, node's cipher key)
         self.sent_bundles: dict[int, frozenset[int]] = {}
         self.sealed: dict[int, dict[int, bytes]] = {}
         self.commits: dict[int, bytes] = {}
         self.peers: dict[int, frozenset[int]] = {}
-        self.masked: dict[int, np.ndarray] = {}
+        self.masked_sum: np.ndarray | None = None  # running sum of the masked inputs (U3)
         self.unmask_lists: dict[int, tuple[list[int], list[int]]] = {}
         self.revealed_b: dict[int, dict[int, Share]] = {}
         self.revealed_s: dict[int, dict[int, Share]] = {}
@@ -189,9 +202,14 @@ class MaskingServer(ServerWorkflow):
             raise ProtocolError(f"client refused: {parse_error(env)}")
         env.expect(protocol=PROTOCOL, stage=stage, session=self.session, round_=self.round,
                    src=u, dst=SERVER)
-        if stage != ADVERTISE_KEYS:
-            env.verify(VerifyKey(self.bundles[u].sig_pk))
+        # advertise_keys is authenticated by its bundle signature; the masked vector's MAC is
+        # checked while it is summed (_on_masked_input); every other reply here
+        if stage not in (ADVERTISE_KEYS, MASKED_INPUT):
+            env.verify_mac(self._mac_key(u, stage))
         return env
+
+    def _mac_key(self, u: int, stage: str) -> bytes:
+        return client_mac_key(self.shared[u], kdf_context(self.session, self.round), u, stage)
 
     def _require(self, count: int, what: str) -> None:
         if count < self.params.threshold:
@@ -217,19 +235,18 @@ class MaskingServer(ServerWorkflow):
                 F_SHARE_THRESHOLD: p.share_threshold, F_GRAPH: p.graph,
                 F_NEIGHBOURS: sorted(self.graph[u]), F_RING_BITS: p.values.ring_bits,
                 F_LEVELS: p.values.levels, F_CLIP: p.values.clip, F_MAX_WEIGHT: p.weight.clip,
-                F_SPEC: self.spec.to_json()}
+                F_SPEC: self.spec.to_json(), F_SERVER_PK: b64(self.round_keys.public_bytes)}
 
     def _on_advertise_keys(self, u: int, env: Envelope) -> None:
         f = Fields(env, {F_CIPHER_PK, F_MASK_PK, F_SIG_PK, F_BUNDLE_SIG})
         bundle = KeyBundle(u, f.raw(F_CIPHER_PK, 32), f.raw(F_MASK_PK, 32), f.raw(F_SIG_PK, 32),
                            f.raw(F_BUNDLE_SIG, 64))
-        key = VerifyKey(bundle.sig_pk)
-        env.verify(key)
-        key.verify(bundle.signature, KeyBundle.signed_bytes(
+        VerifyKey(bundle.sig_pk).verify(bundle.signature, KeyBundle.signed_bytes(
             self.session, self.round, u, bundle.cipher_pk, bundle.mask_pk, bundle.sig_pk,
             self.params_digest))
         load_public_key(bundle.cipher_pk), load_public_key(bundle.mask_pk)
         self.bundles[u] = bundle
+        self.shared[u] = agree(self.round_keys.private, bundle.cipher_pk)
 
     def _after_advertise_keys(self) -> None:
         self._prune_isolated(SHARE_KEYS)
@@ -268,7 +285,28 @@ class MaskingServer(ServerWorkflow):
         bits = self.params.values.ring_bits
         if bits not in (32, 64) and int(vec.max(initial=0)) > ring_mask(bits):
             raise WireFormatError("masked vector has elements outside the ring")
-        self.masked[u] = vec
+        # One pass: each piece of the vector is MACed and added to the running sum while in
+        # cache; if the tag then fails, the vector is subtracted again (exact in the ring).
+        # The server keeps only the running sum of masked vectors, never one client's vector.
+        if env.mac is None:
+            raise MacError(f"masked input from node {u} carries no MAC")
+        mac = MacStream(self._mac_key(u, MASKED_INPUT))
+        signed = memoryview(env.signed_bytes).cast("B")
+        body_at = signed.nbytes - vec.nbytes
+        mac.update(signed[:body_at])
+        if self.masked_sum is None:
+            self.masked_sum = np.zeros(self.length, dtype=dtype.newbyteorder("="))
+        acc, step = self.masked_sum, _SUM_CHUNK
+        for start in range(0, self.length, step):
+            mac.update(signed[body_at + start * dtype.itemsize:
+                              body_at + (start + step) * dtype.itemsize])
+            np.add(acc[start:start + step], vec[start:start + step],
+                   out=acc[start:start + step])
+        try:
+            mac.verify(env.mac)
+        except MacError:
+            np.subtract(acc, vec, out=acc)
+            raise
 
     def _holders(self, u: int) -> frozenset[int]:
         """Nodes holding shares of u's secrets (u itself included)."""
@@ -326,9 +364,6 @@ class MaskingServer(ServerWorkflow):
 
     def _aggregate(self) -> SecureSumResult:
         p, t = self.params, self.params.share_threshold
-        acc = np.zeros(self.length, dtype=p.values.dtype)
-        for u in self.contributors:
-            np.add(acc, self.masked[u], out=acc)
         ctx = kdf_context(self.session, self.round)
         masks: list[tuple[bytes, int]] = []  # seeds to remove, with the sign to apply
         for u in self.contributors:
@@ -348,6 +383,9 @@ class MaskingServer(ServerWorkflow):
                                          purpose=PURPOSE_PAIR_MASK, pair=ordered(u, d)),
                               -mask_sign(u, d)))
         prg = MaskPRG(self.length, p.values.ring_bits)
+        acc = self.masked_sum
+        if acc is None:
+            raise ProtocolError("no masked input was received")
         prg.add_many(acc, masks)
         values = p.values.dequantize(acc[:-1])
         weight_total = float(p.weight.dequantize(acc[-1:])[0])

@@ -26,6 +26,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from fedcollm_secure.crypto.key_agreement import agree, load_private_key, public
 from fedcollm_secure.crypto.prg import expand_seed, uniform01
 from fedcollm_secure.crypto.quantization import QuantizationSpec
 from fedcollm_secure.crypto.shamir import PRIME, Share, reconstruct_secret, split_secret
+from fedcollm_secure.crypto.mac import mac_tag
 from fedcollm_secure.crypto.signatures import SigningKey
 from fedcollm_secure.secagg.masking import MaskingClient, MaskingConfig, MaskingServer, RoundParams
 from fedcollm_secure.secagg.masking import graph as graph_mod
@@ -464,8 +466,9 @@ def gen_quantization() -> None:
                                                       FixedBytes(bytes(32)))})
     write("quantization.json", "Fixed-point quantisation into Z_(2**ring_bits): clip to "
           "[-clip, clip] and multiply by (levels / clip) (as clamp(v * scale, -levels, levels)), "
-          "round up iff u < frac where u = word / 2**32 (ChaCha20 words of a fresh 32-byte "
-          "seed), reduce mod 2**ring_bits; "
+          "then round stochastically in fixed point: F = min(32, 62 - bit_length(levels)), "
+          "Y = trunc(y * 2**F), k = (Y + (word >> (32 - F))) >> F (arithmetic shift; words are "
+          "the ChaCha20 keystream of a fresh 32-byte seed), reduce mod 2**ring_bits; "
           "centred lift and dequantisation (lift * clip / levels). Non-finite values in "
           "must_fail.values are the strings NaN / Infinity / -Infinity.",
           {"kat": kat, "sums": sums, "fit": fits,
@@ -552,7 +555,8 @@ def gen_encodings() -> None:
     sig_pk = signer.verify_key.raw
     adv_params = {M.F_N_NODES: 4, M.F_THRESHOLD: 3, M.F_SHARE_THRESHOLD: 3, M.F_GRAPH: "complete",
               M.F_RING_BITS: 32, M.F_LEVELS: 536870911, M.F_CLIP: 4.0, M.F_MAX_WEIGHT: 1.0,
-              M.F_SPEC: [["bias", [2]], ["weight", [2, 2]]], M.F_NEIGHBOURS: [1, 2, 4]}
+              M.F_SPEC: [["bias", [2]], ["weight", [2, 2]]], M.F_NEIGHBOURS: [1, 2, 4],
+              M.F_SERVER_PK: _b64(public_of(r.bytes(32)))}
     digest = M.params_digest(adv_params)
     bundle_msg = M.KeyBundle.signed_bytes(session, 2, 3, cipher_pk, mask_pk, sig_pk, digest)
     bundle_sig = signer.sign(bundle_msg)
@@ -560,6 +564,10 @@ def gen_encodings() -> None:
     b_share = Share(4, int.from_bytes(r.bytes(32), "big")).to_bytes()
     s_share = Share(4, int.from_bytes(r.bytes(32), "big")).to_bytes()
     b_seed = r.bytes(32)
+    server_secret = r.bytes(32)
+    mac_key = M.client_mac_key(server_secret, M.kdf_context(session, 2), 3, M.MASKED_INPUT)
+    maced = env.encode(mac_key=mac_key)
+    assert decode(maced).mac == maced[-16:]
     graphs = []
     for n, degree, seed in [(10, 4, "masking/v1/vectors/graph/1"), (7, 2, "masking/v1/vectors/"
                                                                            "graph/2")]:
@@ -596,7 +604,9 @@ def gen_encodings() -> None:
                   "body_hex": env.body.hex(), "header_json": env.header_json().decode(),
                   "unsigned_hex": unsigned.hex(), "signing_key_hex": signer.private_bytes().hex(),
                   "verify_key_hex": sig_pk.hex(), "signature_label_hex": SIG_LABEL.hex(),
-                  "signature_message_hex": sig_msg.hex(), "signed_hex": signed.hex()},
+                  "signature_message_hex": sig_msg.hex(), "signed_hex": signed.hex(),
+                  "mac_shared_secret_hex": server_secret.hex(), "mac_node": 3,
+                  "mac_key_hex": mac_key.hex(), "maced_hex": maced.hex()},
               "key_bundle": {
                   "session_hex": session.hex(), "round": 2, "node": 3,
                   "cipher_pk_hex": cipher_pk.hex(), "mask_pk_hex": mask_pk.hex(),
@@ -773,7 +783,10 @@ def instance_vector(name: str, sc: dict[str, Any]) -> dict[str, Any]:
         if hasattr(c, "b_seed"):
             info["b_seed_hex"] = c.b_seed.hex()
         if cid in contributors:
-            masked = server.masked[server.node_of[cid]]
+            reply = next(m["hex"] for m in log if (m["stage"], m["direction"], m["client"])
+                         == (M.MASKED_INPUT, "reply", cid))
+            masked = np.frombuffer(parse_message(bytes.fromhex(reply))[1],
+                                   np.dtype(dtype).newbyteorder("<")).astype(dtype)
             self_mask, pair = _mask_parts(c)
             y = (masked - self_mask - pair) & dtype(_all_ones(bits))
             ring_sum += y
@@ -847,8 +860,10 @@ def encode_message(header: Any, body: bytes, header_text: bytes | None = None) -
 
 
 def apply_edits(data: bytes, edits: list[dict[str, Any]], signers: dict[str, SigningKey],
-                sender: str, genuine: dict[tuple[str, str, str], bytes]) -> bytes:
-    """Apply the must_fail edit operations (defined in SPEC.md) to a message, in order."""
+                sender: str, genuine: dict[tuple[str, str, str], bytes],
+                mac_keys: Callable[[str, str], bytes] | None = None) -> bytes:
+    """Apply the must_fail edit operations (defined in SPEC.md) to a message, in order.
+    ``mac_keys(client, stage)`` is that client's one-time MAC key for its ``stage`` reply."""
     for e in edits:
         op = e["op"]
         if op in ("set", "delete", "set_body", "set_header_text"):
@@ -866,15 +881,22 @@ def apply_edits(data: bytes, edits: list[dict[str, Any]], signers: dict[str, Sig
                     obj[e["path"][-1]] = e["value"]
                 else:
                     del obj[e["path"][-1]]
-            data = encode_message(header, body, text)  # unsigned; a later "sign" op re-signs
+            data = encode_message(header, body, text)  # no trailer; "sign"/"mac" add one
         elif op == "sign":
             key = signers[sender if e["key"] == "sender" else e["key"]]
             b = bytearray(data)
             b[4] |= 1
             data = bytes(b) + key.sign(signature_message(bytes(b)))
-        elif op == "strip_signature":
-            b = bytearray(data[:-64])
-            b[4] &= 0xFE
+        elif op == "mac":
+            assert mac_keys is not None
+            b = bytearray(data)
+            b[4] |= 2
+            who = sender if e["key"] == "sender" else e["key"]
+            data = bytes(b) + mac_tag(mac_keys(who, parse_message(data)[0]["stage"]), bytes(b))
+        elif op == "strip_trailer":
+            trailer = 64 if data[4] & 1 else 16 if data[4] & 2 else 0
+            b = bytearray(data[:len(data) - trailer])
+            b[4] &= 0xFC
             data = bytes(b)
         elif op == "flip_bit":
             b = bytearray(data)
@@ -896,6 +918,15 @@ def apply_edits(data: bytes, edits: list[dict[str, Any]], signers: dict[str, Sig
     return data
 
 
+def client_mac_keys(clients: dict[str, MaskingClient]) -> Callable[[str, str], bytes]:
+    """``(client, stage) -> that client's one-time MAC key for its stage reply``."""
+    def key(cid: str, stage: str) -> bytes:
+        c = clients[cid]
+        ctx = M.kdf_context(c.session or b"", c.round or 0)
+        return M.client_mac_key(c.server_secret, ctx, c.node, stage)
+    return key
+
+
 def probe(name: str, sc: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
     """Run scenario ``name`` honestly except for ``case``; report what was observed.
 
@@ -905,11 +936,13 @@ def probe(name: str, sc: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]
     drops = case["drops"] if "drops" in case else (sc["drop"] or {})
     genuine: dict[tuple[str, str, str], bytes] = {}
     signers: dict[str, SigningKey] = {}
+    mac_keys = None
     if "edits" in case:
         _, clients0, log = run(name, {**sc, "drop": drops})
         genuine = {(m["stage"], m["direction"], m["client"]): bytes.fromhex(m["hex"])
                    for m in log}
         signers = {c: clients0[c].signer for c in clients0}
+        mac_keys = client_mac_keys(clients0)
     server, clients = build(name, sc)
     gone: set[str] = set()
     while (req := server.next_requests()) is not None:
@@ -921,7 +954,7 @@ def probe(name: str, sc: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]
                 continue
             target = target_stage and case.get("client") == cid
             if target and case["direction"] == "request":
-                data = apply_edits(msg, case["edits"], signers, "server", genuine)
+                data = apply_edits(msg, case["edits"], signers, "server", genuine, mac_keys)
                 out = {"delivered": data}
                 try:
                     clients[cid].process(data)
@@ -937,7 +970,7 @@ def probe(name: str, sc: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]
                 return out
             reply = clients[cid].process(msg)
             if target and case["direction"] == "reply":
-                reply = apply_edits(reply, case["edits"], signers, cid, genuine)
+                reply = apply_edits(reply, case["edits"], signers, cid, genuine, mac_keys)
                 delivered = reply
             replies[cid] = reply
         outcome = "continues"
@@ -995,6 +1028,11 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
     body_len = len(parse_message(genuine[(MI, RP, "c2")])[1])
     bundle_sig = base64.b64decode(adv_rep["fields"][M.F_BUNDLE_SIG])
     sign = {"op": "sign", "key": "sender"}
+    mac = {"op": "mac", "key": "sender"}
+    c2 = clients0["c2"]
+    adv_bundle_msg = M.KeyBundle.signed_bytes(
+        sess, sc["round"], c2.node, c2.bundle.cipher_pk, c2.bundle.mask_pk, c2.bundle.sig_pk,
+        c2.params_digest)
 
     def setf(field: str, value: Any) -> dict[str, Any]:
         return {"op": "set", "path": ["fields", field], "value": value}
@@ -1171,34 +1209,41 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
          "WireFormatError"),
     ]
     server_cases: list[tuple[str, str, str, str, list[dict[str, Any]], str]] = [
-        ("srv-adv-envelope-signature", "advertise_keys reply with a flipped signature bit", ADV,
-         "c2", [{"op": "flip_bit", "offset": -1, "bit": 0}], "SignatureError"),
-        ("srv-adv-unsigned", "advertise_keys reply without a signature", ADV, "c2",
-         [{"op": "strip_signature"}], "SignatureError"),
-        ("srv-adv-bundle-signature", "bundle_sig with a flipped bit (envelope re-signed)", ADV,
-         "c2", [setf(M.F_BUNDLE_SIG, _b64(_flip(bundle_sig, 0))), sign], "SignatureError"),
+        ("srv-adv-bundle-signature", "bundle_sig with a flipped bit", ADV, "c2",
+         [setf(M.F_BUNDLE_SIG, _b64(_flip(bundle_sig, 0)))], "SignatureError"),
+        ("srv-adv-bundle-other-signer", "the bundle re-signed by c3 (sig_pk still c2's)", ADV,
+         "c2", [setf(M.F_BUNDLE_SIG, _b64(signers["c3"].sign(adv_bundle_msg)))],
+         "SignatureError"),
+        ("srv-adv-trailer", "64 stray bytes after the message", ADV, "c2",
+         [{"op": "append", "hex": "00" * 64}], "WireFormatError"),
         ("srv-adv-key-size", "a 31-byte mask_pk", ADV, "c2",
-         [setf(M.F_MASK_PK, _b64(base64.b64decode(adv_rep["fields"][M.F_MASK_PK])[:31])), sign],
+         [setf(M.F_MASK_PK, _b64(base64.b64decode(adv_rep["fields"][M.F_MASK_PK])[:31]))],
          "WireFormatError"),
-        ("srv-adv-src", "reply claims to come from node 3", ADV, "c2", [sethdr("src", 3), sign],
+        ("srv-adv-src", "reply claims to come from node 3", ADV, "c2", [sethdr("src", 3)],
          "PartyError"),
-        ("srv-adv-dst", "reply addressed to node 1", ADV, "c2", [sethdr("dst", 1), sign],
+        ("srv-adv-dst", "reply addressed to node 1", ADV, "c2", [sethdr("dst", 1)],
          "PartyError"),
         ("srv-adv-body", "a non-empty body (the body limit is 0 outside masked_input)", ADV,
-         "c2", [{"op": "set_body", "hex": "00"}, sign], "WireFormatError"),
-        ("srv-sk-other-signer", "share_keys reply signed with c3's key", SK, "c2",
-         [{"op": "strip_signature"}, {"op": "sign", "key": "c3"}], "SignatureError"),
+         "c2", [{"op": "set_body", "hex": "00"}], "WireFormatError"),
+        ("srv-sk-other-mac-key", "share_keys reply MACed with c3's key", SK, "c2",
+         [{"op": "strip_trailer"}, {"op": "mac", "key": "c3"}], "MacError"),
+        ("srv-sk-signed-not-maced", "share_keys reply signed by its sender instead of MACed",
+         SK, "c2", [{"op": "strip_trailer"}, sign], "MacError"),
+        ("srv-sk-unauthenticated", "share_keys reply without its MAC", SK, "c2",
+         [{"op": "strip_trailer"}], "MacError"),
+        ("srv-sk-flipped-tag", "a flipped bit in the MAC tag", SK, "c2",
+         [{"op": "flip_bit", "offset": -1, "bit": 0}], "MacError"),
         ("srv-sk-missing-share", "no share for peer 4", SK, "c2",
-         [{"op": "delete", "path": ["fields", M.F_SHARES, "4"]}, sign], "PartyError"),
+         [{"op": "delete", "path": ["fields", M.F_SHARES, "4"]}, mac], "PartyError"),
         ("srv-sk-extra-share", "a share addressed to itself", SK, "c2",
          [setf(M.F_SHARES, {**sk_rep["fields"][M.F_SHARES],
-                            "2": sk_rep["fields"][M.F_SHARES]["1"]}), sign], "PartyError"),
+                            "2": sk_rep["fields"][M.F_SHARES]["1"]}), mac], "PartyError"),
         ("srv-sk-commit-size", "a 31-byte b_commit", SK, "c2",
-         [setf(M.F_B_COMMIT, _b64(bytes(31))), sign], "WireFormatError"),
-        ("srv-sk-other-round", "reply for round 6", SK, "c2", [sethdr("round", 6), sign],
+         [setf(M.F_B_COMMIT, _b64(bytes(31))), mac], "WireFormatError"),
+        ("srv-sk-other-round", "reply for round 6", SK, "c2", [sethdr("round", 6), mac],
          "ReplayError"),
         ("srv-sk-other-session", "reply for another session", SK, "c2",
-         [sethdr("session", "00" * 16), sign], "SessionMismatchError"),
+         [sethdr("session", "00" * 16), mac], "SessionMismatchError"),
         ("srv-sk-wrong-stage", "the client's advertise_keys reply replayed at share_keys", SK,
          "c2", [{"op": "replace_with", "stage": ADV, "direction": RP, "client": "c2"}],
          "StageError"),
@@ -1207,24 +1252,28 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
           sethdr("fields", {M.F_CODE: "PartyError", M.F_MESSAGE: "refused"}), sign],
          "ProtocolError"),
         ("srv-mi-length", "length field one short", MI, "c2",
-         [setf(M.F_LENGTH, mi_rep["fields"][M.F_LENGTH] - 1), sign], "WireFormatError"),
+         [setf(M.F_LENGTH, mi_rep["fields"][M.F_LENGTH] - 1), mac], "WireFormatError"),
         ("srv-mi-body-long", "body 4 bytes longer than length * 4 (over the size limit)", MI,
-         "c2", [{"op": "set_body", "hex": "00" * (body_len + 4)}, sign], "WireFormatError"),
+         "c2", [{"op": "set_body", "hex": "00" * (body_len + 4)}, mac], "WireFormatError"),
         ("srv-mi-body-short", "body 4 bytes shorter than length * 4", MI, "c2",
-         [{"op": "set_body", "hex": "00" * (body_len - 4)}, sign], "WireFormatError"),
-        ("srv-mi-flipped-body", "a flipped bit in the masked vector breaks the signature", MI,
-         "c2", [{"op": "flip_bit", "offset": -65, "bit": 0}], "SignatureError"),
+         [{"op": "set_body", "hex": "00" * (body_len - 4)}, mac], "WireFormatError"),
+        ("srv-mi-flipped-body", "a flipped bit in the masked vector breaks the MAC", MI,
+         "c2", [{"op": "flip_bit", "offset": -17, "bit": 0}], "MacError"),
+        ("srv-mi-signed-not-maced", "the masked input signed by its sender instead of MACed",
+         MI, "c2", [{"op": "strip_trailer"}, sign], "MacError"),
+        ("srv-um-unauthenticated", "unmask reply without its MAC", UM, "c2",
+         [{"op": "strip_trailer"}], "MacError"),
         ("srv-um-both", "the reply reveals node 3's self-mask share as well as its mask-key "
-         "share", UM, "c2", [setf(M.F_B_SHARES, {**b_shares, "3": s_shares["3"]}), sign],
+         "share", UM, "c2", [setf(M.F_B_SHARES, {**b_shares, "3": s_shares["3"]}), mac],
          "PartyError"),
         ("srv-um-missing", "the reply omits node 4's self-mask share", UM, "c2",
-         [{"op": "delete", "path": ["fields", M.F_B_SHARES, "4"]}, sign], "PartyError"),
+         [{"op": "delete", "path": ["fields", M.F_B_SHARES, "4"]}, mac], "PartyError"),
         ("srv-um-wrong-x", "a share whose x is not the holder's index", UM, "c2",
          [setf(M.F_B_SHARES, {**b_shares, "1": _b64((3).to_bytes(8, "big") + b_share_1[8:])}),
-          sign], "PartyError"),
+          mac], "PartyError"),
         ("srv-um-y-range", "a share with y = p", UM, "c2",
          [setf(M.F_B_SHARES, {**b_shares, "1": _b64(b_share_1[:8] + PRIME.to_bytes(33, "big"))}),
-          sign], "WireFormatError"),
+          mac], "WireFormatError"),
     ]
     abort_cases: list[tuple[str, str, str, dict[str, str], str]] = [
         ("abort-advertise", "2 of 4 clients never answer advertise_keys: the round aborts "
