@@ -4,7 +4,7 @@ Layout (all integers big-endian)::
 
     0   4  magic+version  b"FCS" || WIRE_VERSION
     4   1  flags          bit 0: a 64-byte Ed25519 signature trails the message
-                          bit 1: a 16-byte one-time Poly1305 tag trails it instead
+                          bit 1: a 16-byte one-time GMAC tag trails it instead
     5   4  header_len
     9   8  body_len
     17  .. header         canonical UTF-8 JSON object (sorted keys, no spaces)
@@ -75,7 +75,7 @@ class Envelope:
     body: bytes | memoryview = b""  # decode() returns a zero-copy view into the message
     signature: bytes | None = None
     signed_bytes: bytes | memoryview = b""  # filled by decode(): what the signature covers
-    mac: bytes | None = None  # filled by decode(): the Poly1305 tag, if the sender MACed
+    mac: bytes | None = None  # filled by decode(): the GMAC tag, if the sender MACed
 
     def header_json(self) -> bytes:
         header = {"protocol": self.protocol, "stage": self.stage, "session": self.session.hex(),
@@ -85,7 +85,7 @@ class Envelope:
 
     def encode(self, signer: SigningKey | None = None, *, mac_key: bytes | None = None) -> bytes:
         """The message bytes, signed by ``signer`` or authenticated with the one-time
-        Poly1305 ``mac_key`` (cheaper for bulk bodies; the key must never be reused)."""
+        GMAC ``mac_key`` (cheaper for bulk bodies; the key must never be reused)."""
         if signer is not None and mac_key is not None:
             raise ValueError("an envelope is either signed or MACed, not both")
         header = self.header_json()

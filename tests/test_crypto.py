@@ -201,3 +201,25 @@ def test_seeded_source_is_deterministic_and_loud() -> None:
     b = InsecureSeededRandomForTests(7, quiet=True)
     assert a.bytes(40) == b.bytes(40)
     assert InsecureSeededRandomForTests(8, quiet=True).bytes(40) != a.bytes(40)
+
+
+def test_gmac_is_aes_gcm_over_associated_data_and_verification_raises() -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from fedcollm_secure.crypto.mac import MacStream, mac_tag, verify_mac
+    from fedcollm_secure.errors import KeyFormatError, MacError
+
+    key, msg = bytes(range(32)), bytes(range(256)) * 1000
+    tag = mac_tag(key, msg[:1000], memoryview(msg)[1000:])
+    assert tag == AESGCM(key).encrypt(bytes(12), b"", msg)  # GMAC, NIST SP 800-38D
+    stream = MacStream(key)
+    for i in range(0, len(msg), 4096):
+        stream.update(msg[i:i + 4096])
+    stream.verify(tag)
+    verify_mac(key, tag, msg)
+    for bad_key, bad_tag, bad_msg in [(bytes(32), tag, msg), (key, tag[:-1] + b"\0", msg),
+                                      (key, tag, msg[:-1]), (key, tag[:15], msg)]:
+        with pytest.raises(MacError):
+            verify_mac(bad_key, bad_tag, bad_msg)
+    with pytest.raises(KeyFormatError):
+        mac_tag(bytes(16), msg)

@@ -1,59 +1,67 @@
-"""One-time Poly1305 message authentication codes.
+"""One-time message authentication codes: GMAC (AES-256-GCM over an empty plaintext, the
+message as associated data; NIST SP 800-38D).
 
-Poly1305 is a one-time MAC: each key must authenticate a single message. Callers derive a
-fresh key per (session, round, sender, receiver, purpose) with :func:`derive_key` and use it
-once. Verification raises; it never returns a bool.
+Each key authenticates a single message, so the nonce is fixed (12 zero bytes). Callers derive
+a fresh key per (session, round, sender, receiver, purpose) with :func:`derive_key`. GMAC runs
+at about twice Poly1305's speed on CPUs with carry-less multiplication (VPCLMULQDQ), which
+matters for multi-megabyte masked vectors. Verification raises; it never returns a bool.
 """
 
 from __future__ import annotations
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.poly1305 import Poly1305
+from hmac import compare_digest
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..errors import KeyFormatError, MacError
 
 MAC_KEY_SIZE = 32
 MAC_TAG_SIZE = 16
+_NONCE = bytes(12)
 
 
-def _mac(key: bytes, parts: tuple[bytes | memoryview, ...]) -> Poly1305:
+def _check_key(key: bytes) -> bytes:
     if len(key) != MAC_KEY_SIZE:
-        raise KeyFormatError(f"Poly1305 key must be {MAC_KEY_SIZE} bytes")
-    mac = Poly1305(key)
-    for part in parts:
-        mac.update(memoryview(part).cast("B"))
-    return mac
+        raise KeyFormatError(f"MAC key must be {MAC_KEY_SIZE} bytes")
+    return bytes(key)
 
 
 class MacStream:
-    """Incremental one-time Poly1305, for callers that process a long message piece by piece
-    (e.g. verify and sum a vector in one pass). :meth:`verify` raises :class:`MacError`."""
+    """Incremental one-time GMAC, for callers that process a long message piece by piece
+    (e.g. verify and sum a vector in one pass)."""
 
     def __init__(self, key: bytes) -> None:
-        self._mac = _mac(key, ())
+        self._ctx = Cipher(algorithms.AES(_check_key(key)), modes.GCM(_NONCE)).encryptor()
 
     def update(self, part: bytes | memoryview) -> None:
-        self._mac.update(memoryview(part).cast("B"))
+        self._ctx.authenticate_additional_data(memoryview(part).cast("B"))
+
+    def tag(self) -> bytes:
+        self._ctx.finalize()
+        return self._ctx.tag
 
     def verify(self, tag: bytes) -> None:
+        """Raise :class:`MacError` unless ``tag`` authenticates what was fed in."""
         if len(tag) != MAC_TAG_SIZE:
             raise MacError("MAC tag has the wrong length")
-        try:
-            self._mac.verify(bytes(tag))
-        except InvalidSignature:
-            raise MacError("MAC does not verify") from None
+        if not compare_digest(self.tag(), bytes(tag)):
+            raise MacError("MAC does not verify")
 
 
 def mac_tag(key: bytes, *parts: bytes | memoryview) -> bytes:
-    """The 16-byte Poly1305 tag of the concatenation of ``parts`` under the one-time ``key``."""
-    return _mac(key, parts).finalize()
+    """The 16-byte GMAC tag of the concatenation of ``parts`` under the one-time ``key``."""
+    stream = MacStream(key)
+    for part in parts:
+        stream.update(part)
+    return stream.tag()
 
 
 def verify_mac(key: bytes, tag: bytes, *parts: bytes | memoryview) -> None:
     """Raise :class:`MacError` unless ``tag`` authenticates ``parts`` under ``key``."""
-    if len(tag) != MAC_TAG_SIZE:
-        raise MacError("MAC tag has the wrong length")
-    try:
-        _mac(key, parts).verify(bytes(tag))
-    except InvalidSignature:
-        raise MacError("MAC does not verify") from None
+    stream = MacStream(key)
+    for part in parts:
+        stream.update(part)
+    stream.verify(tag)
+
+
+__all__ = ["MAC_KEY_SIZE", "MAC_TAG_SIZE", "MacStream", "mac_tag", "verify_mac"]

@@ -150,7 +150,7 @@ class MaskingClient(ClientEndpoint):
     def _reply(self, stage: str, fields: dict[str, object],
                body: bytes | memoryview = b"") -> bytes:
         """advertise_keys travels unsigned (its key bundle is signed); later replies carry a
-        one-time Poly1305 tag under a key only this client and the server can derive."""
+        one-time GMAC tag under a key only this client and the server can derive."""
         env = envelope(stage, self.session or b"", self.round or 0, self.node, SERVER, fields,
                        body)
         if stage == ADVERTISE_KEYS:

@@ -140,10 +140,10 @@ def params_digest(fields: dict[str, object]) -> bytes:
 
 
 def client_mac_key(shared_secret: bytes, ctx: KdfContext, node: int, stage: str) -> bytes:
-    """The one-time Poly1305 key of ``node``'s ``stage`` reply. ``shared_secret`` is the
+    """The one-time GMAC key of ``node``'s ``stage`` reply. ``shared_secret`` is the
     X25519 secret of the node's cipher key and the server's round key; the cipher key is bound
     to the node by its signed key bundle. Replies after advertise_keys are MACed, not signed:
-    Poly1305 is about twice as fast as BLAKE3 on a masked vector, and an Ed25519 check costs
+    GMAC is several times faster than BLAKE3 on a masked vector, and an Ed25519 check costs
     more than everything else the server does per share_keys or unmask reply."""
     return derive_key(shared_secret, ctx, purpose=f"{PURPOSE_CLIENT_MAC}/{stage}",
                       pair=(0, node))
