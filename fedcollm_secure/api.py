@@ -9,7 +9,10 @@ from typing import Any
 
 from .crypto.randomness import RandomSource, default_random
 from .errors import ConfigError, UpdateValidationError
+from .identity import Identities
 from .secagg import SecureSumResult, TensorSpec, get_aggregator
+from .secagg.authenticated import SignedClientEndpoint, SignedServerWorkflow
+from .secagg.base import ClientEndpoint, ServerWorkflow
 from .secagg.tensors import Update
 from .transport import FaultPlan, InProcessChannel, drive
 from .transport.base import Progress
@@ -21,7 +24,7 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
                drop: Mapping[str, str] | None = None, rng: RandomSource | None = None,
                faults: FaultPlan | None = None, observers: tuple[Observer, ...] = (),
                round_: int = 0, progress: Progress | None = None,
-               **options: Any) -> SecureSumResult:
+               identities: Identities | None = None, **options: Any) -> SecureSumResult:
     """Aggregate ``updates`` (client id -> {name: array}) with ``protocol``, in process.
 
     Returns the (weighted) sum of the surviving clients' updates; ``weights`` multiply each
@@ -29,6 +32,10 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
     maps a client id to the stage at which it vanishes. Below ``threshold`` survivors a
     :class:`~fedcollm_secure.errors.ThresholdError` is raised. ``options`` go to the
     aggregator's config (e.g. ``graph="k_regular"``, ``clip=1.0``, ``ring_bits=32``).
+
+    With ``identities`` (long-term keys of every client and the server, and the allow-list),
+    every message is signed and checked against the allow-list, and ``masking`` binds its
+    per-round keys to the identities and runs its consistency check.
     """
     if not updates:
         raise UpdateValidationError("no updates to aggregate")
@@ -53,16 +60,32 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
     for cid, stage in (drop or {}).items():
         if cid not in updates:
             raise ConfigError(f"drop names unknown client {cid!r}")
-        if stage not in aggregator.stages:
-            raise ConfigError(f"unknown stage {stage!r} for {protocol}; "
-                              f"stages: {list(aggregator.stages)}")
+        stages = aggregator.active_stages(identities is not None)
+        if stage not in stages:
+            raise ConfigError(f"unknown stage {stage!r} for {protocol}; stages: {list(stages)}")
         plan.drop[cid] = stage
     rng = rng or default_random()
     session = rng.bytes(16)
-    clients = {cid: aggregator.client(cid, updates[cid], weight=w[cid], rng=rng,
-                                      session=session, round_=round_) for cid in ids}
-    server = aggregator.server(ids, spec, threshold=threshold, weighted=weights is not None,
-                               rng=rng, session=session, round_=round_)
+    bound: dict[str, Any] = {}
+    if identities is not None:
+        missing = set(ids) - set(identities.clients)
+        if missing:
+            raise ConfigError(f"no identity for clients {sorted(missing)}")
+        if aggregator.supports_identities:
+            bound = {"allow_list": identities.allow_list}
+    clients: dict[str, ClientEndpoint] = {
+        cid: aggregator.client(cid, updates[cid], weight=w[cid], rng=rng, session=session,
+                               round_=round_, **({**bound, "identity": identities.clients[cid]}
+                                                 if bound and identities else {}))
+        for cid in ids}
+    server: ServerWorkflow = aggregator.server(ids, spec, threshold=threshold,
+                                               weighted=weights is not None, rng=rng,
+                                               session=session, round_=round_, **bound)
+    if identities is not None:  # every message signed by a listed long-term key
+        clients = {cid: SignedClientEndpoint(c, identities.clients[cid], identities.allow_list,
+                                             identities.server.name)
+                   for cid, c in clients.items()}
+        server = SignedServerWorkflow(server, identities.server, identities.allow_list)
     channel = InProcessChannel(clients, plan)
     channel.observers.extend(observers)
     return drive(server, channel, progress)

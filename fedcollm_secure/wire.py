@@ -262,6 +262,27 @@ class Fields:
     def raw(self, name: str, size: int | None = None, max_size: int | None = None) -> bytes:
         return unb64(self.f[name], f"{self.stage}.{name}", size, max_size)
 
+    def boolean(self, name: str) -> bool:
+        v = self.f[name]
+        if not isinstance(v, bool):
+            raise WireFormatError(f"{self.stage}.{name} must be true or false")
+        return v
+
+    def string_map(self, name: str, max_len: int, max_str: int = 128) -> dict[int, str]:
+        """A JSON object whose keys are decimal party indices and values short strings."""
+        v = self.f[name]
+        if not isinstance(v, dict) or len(v) > max_len:
+            raise WireFormatError(f"{self.stage}.{name} must be an object of <= {max_len} items")
+        out: dict[int, str] = {}
+        for k, s in v.items():
+            if not isinstance(k, str) or not _CANONICAL_INDEX.fullmatch(k):
+                raise WireFormatError(f"{self.stage}.{name} keys must be decimal indices")
+            if not isinstance(s, str) or len(s) > max_str:
+                raise WireFormatError(f"{self.stage}.{name} values must be strings of "
+                                      f"<= {max_str} chars")
+            out[int(k)] = s
+        return out
+
     def uint_list(self, name: str, max_len: int) -> list[int]:
         v = self.f[name]
         if not isinstance(v, list) or len(v) > max_len:

@@ -43,7 +43,7 @@ def make(name: str, **options: Any) -> tuple[Aggregator, list[warnings.WarningMe
 
 
 NAMES = available_aggregators()
-STAGE_CASES = [(name, stage) for name in NAMES for stage in make(name)[0].stages]
+STAGE_CASES = [(name, stage) for name in NAMES for stage in make(name)[0].active_stages()]
 IDS = ["alice", "bob", "carol", "dave", "erin"]
 
 
@@ -286,7 +286,7 @@ def test_result_shapes_and_names_follow_the_input(name: str) -> None:
 # --- statistics ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_stats_report_bytes_and_seconds(name: str) -> None:
-    stages = make(name)[0].stages
+    stages = make(name)[0].active_stages()
     dropped_at = stages[-1]
     result = run(name, drop={"bob": dropped_at})
     stats = result.stats

@@ -95,6 +95,12 @@ class Aggregator(ABC):
                session: bytes | None = None, round_: int = 0) -> ServerWorkflow:
         """The server workflow for one round over ``client_ids``."""
 
+    supports_identities: ClassVar[bool] = False  # client()/server() take identity arguments
+
+    def active_stages(self, identities: bool = False) -> tuple[str, ...]:
+        """The stages a round runs (with long-term identities configured, if ``identities``)."""
+        return self.stages
+
     def default_threshold(self, n_clients: int) -> int:
         return max(1, n_clients // 2 + 1)
 

@@ -25,6 +25,7 @@ from ...errors import (
     UnmaskRequestError,
     UpdateValidationError,
 )
+from ...identity import AllowList, Identity
 from ...wire import DEFAULT_LIMITS, SERVER, Envelope, Fields, Limits, b64, bytes_map, decode
 from ..base import ClientEndpoint
 from ..tensors import TensorSpec, Update
@@ -51,24 +52,29 @@ from .messages import (
     F_RING_BITS,
     F_S_SHARES,
     F_SHARE_THRESHOLD,
+    F_CONSISTENCY,
+    F_ROSTER,
     F_SERVER_PK,
+    F_SIGNATURE,
+    F_SIGNATURES,
     F_SHARES,
     F_SIG_PK,
     F_SPEC,
     F_SURVIVORS,
     F_THRESHOLD,
+    CONSISTENCY_CHECK,
     MASKED_INPUT,
     MAX_NODES,
     PURPOSE_PAIR_MASK,
     PURPOSE_SHARE_KEY,
     SEALED_SHARE_SIZE,
     SHARE_KEYS,
-    STAGES,
     UNMASK,
     KeyBundle,
     b_commitment,
-    envelope,
     client_mac_key,
+    consistency_message,
+    envelope,
     error_fields,
     kdf_context,
     mask_sign,
@@ -76,6 +82,7 @@ from .messages import (
     params_digest,
     parse_share_plaintext,
     share_plaintext,
+    stages_of,
 )
 
 ABORTED = "aborted"
@@ -86,8 +93,17 @@ class MaskingClient(ClientEndpoint):
     def __init__(self, client_id: str, update: Update, *, weight: float = 1.0,
                  config: MaskingConfig | None = None, rng: RandomSource | None = None,
                  session: bytes | None = None, round_: int | None = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 limits: Limits = DEFAULT_LIMITS, identity: Identity | None = None,
+                 allow_list: AllowList | None = None) -> None:
+        """With ``identity`` and ``allow_list`` the client signs its key bundle with its
+        long-term key and accepts a peer's bundle only if it is signed by the key the
+        allow-list gives for the peer's name in the announced roster."""
+        if (identity is None) != (allow_list is None):
+            raise PartyError("identity and allow_list go together")
+        if identity is not None and identity.name != client_id:
+            raise PartyError(f"identity {identity.name!r} does not belong to {client_id!r}")
         self.client_id = client_id
+        self.allow_list = allow_list
         self.config = config or MaskingConfig()
         if not (np.isfinite(weight) and 0 <= weight <= self.config.max_weight):
             raise UpdateValidationError(
@@ -98,11 +114,12 @@ class MaskingClient(ClientEndpoint):
         self.session = session
         self.round = round_
         self.limits = limits
-        self.stage_index = 0  # index into STAGES of the next expected request
-        self.state = STAGES[0]
+        self.stages = stages_of(self.config.consistency_check or identity is not None)
+        self.stage_index = 0  # index into self.stages of the next expected request
+        self.state = self.stages[0]
         self.error: FedCoLLMSecureError | None = None
         self.node = 0
-        self.signer = generate_signing_key(self.rng)
+        self.signer = identity.key if identity is not None else generate_signing_key(self.rng)
         self.revealed: dict[str, list[int]] = {}
 
     # --- entry points --------------------------------------------------------------------
@@ -119,9 +136,10 @@ class MaskingClient(ClientEndpoint):
         if self.state in (ABORTED, DONE):
             raise StageError(f"client {self.client_id} has finished this round ({self.state})")
         env = decode(request, Limits(max_header=self.limits.max_header, max_body=0))
-        expected = STAGES[self.stage_index]
-        if env.stage in STAGES and env.stage != expected:
-            kind = "duplicated" if STAGES.index(env.stage) < self.stage_index else "out-of-order"
+        expected = self.stages[self.stage_index]
+        if env.stage in self.stages and env.stage != expected:
+            kind = ("duplicated" if self.stages.index(env.stage) < self.stage_index
+                    else "out-of-order")
             self._check_route(env, env.stage)  # a wrong session/round is reported as such
             raise StageError(f"{kind} {env.stage!r} request; expecting {expected!r}")
         self._check_route(env, expected)
@@ -131,7 +149,8 @@ class MaskingClient(ClientEndpoint):
             self.state, self.error = ABORTED, exc
             raise
         self.stage_index += 1
-        self.state = STAGES[self.stage_index] if self.stage_index < len(STAGES) else DONE
+        self.state = (self.stages[self.stage_index] if self.stage_index < len(self.stages)
+                      else DONE)
         return reply
 
     def _check_route(self, env: Envelope, stage: str) -> None:
@@ -161,7 +180,8 @@ class MaskingClient(ClientEndpoint):
     # --- stage 0: advertise keys ---------------------------------------------------------
     def _on_advertise_keys(self, env: Envelope) -> bytes:
         f = Fields(env, {F_N_NODES, F_THRESHOLD, F_SHARE_THRESHOLD, F_GRAPH, F_NEIGHBOURS,
-                         F_RING_BITS, F_LEVELS, F_CLIP, F_MAX_WEIGHT, F_SPEC, F_SERVER_PK})
+                         F_RING_BITS, F_LEVELS, F_CLIP, F_MAX_WEIGHT, F_SPEC, F_SERVER_PK,
+                         F_CONSISTENCY}, frozenset({F_ROSTER}))
         n = f.uint(F_N_NODES, MAX_NODES)
         self.node = env.dst
         t, share_t = f.uint(F_THRESHOLD, MAX_NODES), f.uint(F_SHARE_THRESHOLD, MAX_NODES)
@@ -197,6 +217,8 @@ class MaskingClient(ClientEndpoint):
         self.spec = TensorSpec.from_json(f.list_of(F_SPEC, 100_000))
         self.parts = self.spec.flat_parts(self.update, who=f"client {self.client_id}",
                                           keep_float32=True)
+        self._accept_checking(f.boolean(F_CONSISTENCY))
+        self.roster = self._accept_roster(f, n) if self.allow_list is not None else {}
         server_pk = f.raw(F_SERVER_PK, 32)
         load_public_key(server_pk)
         self.params_digest = params_digest(env.fields)
@@ -213,6 +235,27 @@ class MaskingClient(ClientEndpoint):
             F_CIPHER_PK: b64(self.bundle.cipher_pk), F_MASK_PK: b64(self.bundle.mask_pk),
             F_SIG_PK: b64(sig_pk), F_BUNDLE_SIG: b64(bundle_sig)})
 
+    def _accept_checking(self, announced: bool) -> None:
+        """The consistency stage runs iff announced; a client that requires it refuses a
+        round without it."""
+        if not announced and len(self.stages) != len(stages_of(False)):
+            raise PartyError("this client requires the consistency check; the round has none")
+        self.stages = stages_of(announced)
+
+    def _accept_roster(self, f: Fields, n: int) -> dict[int, str]:
+        assert self.allow_list is not None
+        if not f.has(F_ROSTER):
+            raise PartyError("identities are configured but the round announces no roster")
+        roster = f.string_map(F_ROSTER, MAX_NODES)
+        if sorted(roster) != list(range(1, n + 1)) or len(set(roster.values())) != n:
+            raise PartyError("the roster must name n distinct clients for nodes 1..n")
+        if roster[self.node] != self.client_id:
+            raise PartyError(f"the roster names node {self.node} {roster[self.node]!r}, "
+                             f"not this client {self.client_id!r}")
+        for name in roster.values():
+            self.allow_list.verify_key(name)  # SignatureError for a client not on the list
+        return roster
+
     # --- stage 1: share keys -------------------------------------------------------------
     def _on_share_keys(self, env: Envelope) -> bytes:
         f = Fields(env, {F_BUNDLES})
@@ -228,6 +271,8 @@ class MaskingClient(ClientEndpoint):
         bundles = {v: KeyBundle.from_bytes(v, b) for v, b in raw.items() if v != self.node}
         seen = {self.bundle.cipher_pk, self.bundle.mask_pk}
         for v, b in bundles.items():
+            if self.allow_list is not None:  # signed by the listed key of v's roster name
+                self.allow_list.require(self.roster[v], b.sig_pk)
             if b.cipher_pk in seen or b.mask_pk in seen or b.cipher_pk == b.mask_pk:
                 raise PartyError(f"node {v} reuses a public key of another node")
             seen |= {b.cipher_pk, b.mask_pk}
@@ -297,9 +342,46 @@ class MaskingClient(ClientEndpoint):
         self.mask_bytes_generated = prg.bytes_generated
         return y
 
+    # --- consistency check (optional) ---------------------------------------------------
+    def _on_consistency_check(self, env: Envelope) -> bytes:
+        f = Fields(env, {F_SURVIVORS})
+        u3 = f.uint_list(F_SURVIVORS, MAX_NODES)
+        if u3 != sorted(set(u3)) or any(not 1 <= v <= self.n_nodes for v in u3):
+            raise UnmaskRequestError("survivor set must be sorted, unique nodes of the round")
+        if self.node not in u3:
+            raise UnmaskRequestError("survivor set omits this client")
+        if len(u3) < self.threshold:
+            raise UnmaskRequestError(f"{len(u3)} survivors, below the threshold {self.threshold}")
+        self.u3 = frozenset(u3)
+        sig = self.signer.sign(consistency_message(env.session, env.round, self.node, u3))
+        return self._reply(CONSISTENCY_CHECK, {F_SIGNATURE: b64(sig)})
+
+    def _check_consistency(self, env: Envelope, f: Fields, survivors: set[int],
+                           dropped: set[int]) -> None:
+        """Before revealing anything: enough holders signed the same survivor set this client
+        signed, and the request classifies every peer by that set."""
+        sigs = f.bytes_map(F_SIGNATURES, MAX_NODES, size=64)
+        known = self.peers | {self.node}
+        if set(sigs) - known:
+            raise UnmaskRequestError("signatures from nodes this client holds no keys of")
+        msg_u3 = sorted(self.u3)
+        valid = {self.node}
+        for v, sig in sigs.items():
+            if v != self.node:
+                VerifyKey(self.bundles[v].sig_pk).verify(
+                    sig, consistency_message(env.session, env.round, v, msg_u3))
+                valid.add(v)
+        if len(valid) < self.share_threshold:
+            raise UnmaskRequestError(f"only {len(valid)} holders confirmed the survivor set; "
+                                     f"{self.share_threshold} needed")
+        if survivors != known & self.u3 or dropped != known - self.u3:
+            raise UnmaskRequestError("unmask lists differ from the survivor set signed in "
+                                     "the consistency check")
+
     # --- stage 3: unmask -----------------------------------------------------------------
     def _on_unmask(self, env: Envelope) -> bytes:
-        f = Fields(env, {F_SURVIVORS, F_DROPPED})
+        checked = CONSISTENCY_CHECK in self.stages
+        f = Fields(env, {F_SURVIVORS, F_DROPPED, *([F_SIGNATURES] if checked else [])})
         survivors = f.uint_list(F_SURVIVORS, MAX_NODES)
         dropped = f.uint_list(F_DROPPED, MAX_NODES)
         s_set, d_set = set(survivors), set(dropped)
@@ -323,6 +405,8 @@ class MaskingClient(ClientEndpoint):
         if len(s_set) < self.share_threshold:
             raise UnmaskRequestError(f"{len(s_set)} survivors, below the share threshold "
                                      f"{self.share_threshold}")
+        if checked:
+            self._check_consistency(env, f, s_set, d_set)
         self.revealed = {"b": sorted(s_set), "s": sorted(d_set)}
         return self._reply(UNMASK, {
             F_B_SHARES: bytes_map({v: self.held_b[v] for v in s_set}),

@@ -31,6 +31,9 @@ class MaskingConfig(ConfigBase):
     (default: the most that fit the number of clients).
     max_weight: the largest client weight accepted; weights travel inside the masked vector.
     min_threshold: clients refuse a round whose announced threshold is below this.
+    consistency_check: run the consistency stage (survivors sign the set of masked-input
+    senders before anyone reveals a share); a client with it on refuses rounds without it.
+    On by default when identities are configured.
     """
 
     section: ClassVar[str] = "masking"
@@ -43,6 +46,7 @@ class MaskingConfig(ConfigBase):
     max_weight: float = 1.0
     min_threshold: int = 2
     max_clients: int = 10_000
+    consistency_check: bool = False
 
     def validate(self) -> None:
         require_finite_positive("masking.clip", self.clip)
@@ -51,6 +55,8 @@ class MaskingConfig(ConfigBase):
         require(self.min_threshold >= 2, "masking.min_threshold must be >= 2 (a sum of one "
                 "client is that client's update)")
         require(self.max_clients >= 2, "masking.max_clients must be >= 2")
+        require(isinstance(self.consistency_check, bool),
+                "masking.consistency_check must be true or false")
         if self.degree is not None:
             require(self.degree >= 2 and self.degree % 2 == 0,
                     "masking.degree must be an even number >= 2")

@@ -22,7 +22,14 @@ ADVERTISE_KEYS = "advertise_keys"
 SHARE_KEYS = "share_keys"
 MASKED_INPUT = "masked_input"
 UNMASK = "unmask"
+CONSISTENCY_CHECK = "consistency_check"
 STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, UNMASK)
+# with the consistency check (on when identities are configured)
+CHECKED_STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, CONSISTENCY_CHECK, UNMASK)
+
+
+def stages_of(consistency_check: bool) -> tuple[str, ...]:
+    return CHECKED_STAGES if consistency_check else STAGES
 ERROR = "error"
 
 # field names
@@ -37,6 +44,10 @@ F_CLIP = "clip"
 F_MAX_WEIGHT = "max_weight"
 F_SPEC = "tensor_spec"
 F_SERVER_PK = "server_pk"
+F_CONSISTENCY = "consistency_check"
+F_ROSTER = "roster"
+F_SIGNATURE = "signature"
+F_SIGNATURES = "signatures"
 F_CIPHER_PK = "cipher_pk"
 F_MASK_PK = "mask_pk"
 F_SIG_PK = "sig_pk"
@@ -64,6 +75,7 @@ PURPOSE_CLIENT_MAC = "client-message-mac"
 AD_SHARE = "masking/v1/share"
 BUNDLE_LABEL = b"masking/v1/key-bundle"
 COMMIT_LABEL = b"masking/v1/self-mask-commitment"
+CONSISTENCY_LABEL = b"masking/v1/consistency"
 
 
 def kdf_context(session: bytes, round_: int) -> KdfContext:
@@ -126,7 +138,8 @@ def parse_share_plaintext(raw: bytes) -> tuple[int, int, bytes, bytes]:
 
 
 SHARED_PARAMS = (F_N_NODES, F_THRESHOLD, F_SHARE_THRESHOLD, F_GRAPH, F_RING_BITS, F_LEVELS,
-                 F_CLIP, F_MAX_WEIGHT, F_SPEC, F_SERVER_PK)
+                 F_CLIP, F_MAX_WEIGHT, F_SPEC, F_SERVER_PK, F_CONSISTENCY)
+OPTIONAL_PARAMS = (F_ROSTER,)  # announced only when identities are configured
 PARAMS_LABEL = b"masking/v1/round-parameters"
 
 
@@ -135,6 +148,7 @@ def params_digest(fields: dict[str, object]) -> bytes:
     but the per-client neighbour list), as canonical JSON. Signed into each key bundle, so a
     parameter altered in transit, or announced differently to different clients, is caught."""
     shared = {k: fields[k] for k in SHARED_PARAMS}
+    shared.update({k: fields[k] for k in OPTIONAL_PARAMS if k in fields})
     text = json.dumps(shared, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(encode_fields(PARAMS_LABEL, text.encode())).digest()
 
@@ -147,6 +161,12 @@ def client_mac_key(shared_secret: bytes, ctx: KdfContext, node: int, stage: str)
     more than everything else the server does per share_keys or unmask reply."""
     return derive_key(shared_secret, ctx, purpose=f"{PURPOSE_CLIENT_MAC}/{stage}",
                       pair=(0, node))
+
+
+def consistency_message(session: bytes, round_: int, node: int, survivors: list[int]) -> bytes:
+    """What node ``node`` signs in the consistency check: the set U3 it was shown."""
+    return encode_fields(CONSISTENCY_LABEL, session, struct.pack(">QQ", round_, node),
+                         json.dumps(sorted(survivors), separators=(",", ":")).encode())
 
 
 def b_commitment(session: bytes, round_: int, node: int, b_seed: bytes) -> bytes:

@@ -35,6 +35,7 @@ from ...errors import (
     ThresholdError,
     WireFormatError,
 )
+from ...identity import AllowList
 from ...wire import SERVER, Envelope, Fields, Limits, b64, bytes_map, decode
 from ..base import SecureSumResult, ServerWorkflow, StageRequests
 from ..tensors import TensorSpec
@@ -60,28 +61,34 @@ from .messages import (
     F_RING_BITS,
     F_S_SHARES,
     F_SHARE_THRESHOLD,
+    F_CONSISTENCY,
+    F_ROSTER,
     F_SERVER_PK,
+    F_SIGNATURE,
+    F_SIGNATURES,
     F_SHARES,
     F_SIG_PK,
     F_SPEC,
     F_SURVIVORS,
     F_THRESHOLD,
+    CONSISTENCY_CHECK,
     MASKED_INPUT,
     MAX_NODES,
     PURPOSE_PAIR_MASK,
     SEALED_SHARE_SIZE,
     SHARE_KEYS,
-    STAGES,
     UNMASK,
     KeyBundle,
     b_commitment,
     client_mac_key,
+    consistency_message,
     envelope,
     kdf_context,
     mask_sign,
     ordered,
     params_digest,
     parse_error,
+    stages_of,
 )
 
 HEADER_LIMIT = 4 << 20
@@ -96,7 +103,10 @@ class MaskingServer(ServerWorkflow):
     def __init__(self, client_ids: Sequence[str], spec: TensorSpec, *,
                  config: MaskingConfig | None = None, threshold: int | None = None,
                  rng: RandomSource | None = None, session: bytes | None = None,
-                 round_: int = 0) -> None:
+                 round_: int = 0, allow_list: AllowList | None = None) -> None:
+        """With ``allow_list`` the round announces a roster (node -> client name), each
+        client's key bundle must be signed by its listed long-term key, and the consistency
+        check runs."""
         ids = list(client_ids)
         if len(set(ids)) != len(ids):
             raise PartyError("duplicate client ids")
@@ -114,6 +124,13 @@ class MaskingServer(ServerWorkflow):
             self.graph = complete_graph(nodes)
         else:
             self.graph = harary_graph(nodes, self.params.degree, self.rng)
+        self.allow_list = allow_list
+        if allow_list is not None:
+            for cid in ids:
+                allow_list.verify_key(cid)  # SignatureError: a client not on the allow-list
+        self.checked = self.config.consistency_check or allow_list is not None
+        self.stages = stages_of(self.checked)
+        self.consistency_sigs: dict[int, bytes] = {}
         self.round_keys = generate_keypair(self.rng)  # authenticates masked inputs (MAC keys)
         self.params_digest = params_digest(self._requests_advertise_keys(nodes[0]))
         self.stage_index = 0
@@ -138,9 +155,9 @@ class MaskingServer(ServerWorkflow):
 
     # --- driving -------------------------------------------------------------------------
     def next_requests(self) -> StageRequests | None:
-        if self.stage_index >= len(STAGES) or self.aborted is not None:
+        if self.stage_index >= len(self.stages) or self.aborted is not None:
             return None
-        stage = STAGES[self.stage_index]
+        stage = self.stages[self.stage_index]
         start = time.perf_counter()
         build = getattr(self, f"_requests_{stage}")
         messages = {self.ids[u]: envelope(stage, self.session, self.round, SERVER, u,
@@ -151,7 +168,7 @@ class MaskingServer(ServerWorkflow):
     def receive(self, stage: str, replies: Mapping[str, bytes]) -> None:
         if self.aborted is not None:
             raise self.aborted
-        if self.stage_index >= len(STAGES) or stage != STAGES[self.stage_index]:
+        if self.stage_index >= len(self.stages) or stage != self.stages[self.stage_index]:
             raise ProtocolError(f"replies for {stage!r} arrived out of order")
         start = time.perf_counter()
         answered: set[int] = set()
@@ -168,8 +185,8 @@ class MaskingServer(ServerWorkflow):
             except FedCoLLMSecureError as exc:
                 self.rejected[cid] = f"{stage}: {type(exc).__name__}: {exc}"
         gone = self.active - answered
-        if stage == UNMASK:
-            self.late_dropouts = sorted(self.ids[u] for u in gone)
+        if stage in (CONSISTENCY_CHECK, UNMASK):  # their inputs are in the sum already
+            self.late_dropouts = sorted({*self.late_dropouts, *(self.ids[u] for u in gone)})
         else:
             for u in gone:
                 self.dropped[self.ids[u]] = stage
@@ -235,12 +252,17 @@ class MaskingServer(ServerWorkflow):
                 F_SHARE_THRESHOLD: p.share_threshold, F_GRAPH: p.graph,
                 F_NEIGHBOURS: sorted(self.graph[u]), F_RING_BITS: p.values.ring_bits,
                 F_LEVELS: p.values.levels, F_CLIP: p.values.clip, F_MAX_WEIGHT: p.weight.clip,
-                F_SPEC: self.spec.to_json(), F_SERVER_PK: b64(self.round_keys.public_bytes)}
+                F_SPEC: self.spec.to_json(), F_SERVER_PK: b64(self.round_keys.public_bytes),
+                F_CONSISTENCY: self.checked,
+                **({F_ROSTER: {str(v): cid for v, cid in self.ids.items()}}
+                   if self.allow_list is not None else {})}
 
     def _on_advertise_keys(self, u: int, env: Envelope) -> None:
         f = Fields(env, {F_CIPHER_PK, F_MASK_PK, F_SIG_PK, F_BUNDLE_SIG})
         bundle = KeyBundle(u, f.raw(F_CIPHER_PK, 32), f.raw(F_MASK_PK, 32), f.raw(F_SIG_PK, 32),
                            f.raw(F_BUNDLE_SIG, 64))
+        if self.allow_list is not None:
+            self.allow_list.require(self.ids[u], bundle.sig_pk)
         VerifyKey(bundle.sig_pk).verify(bundle.signature, KeyBundle.signed_bytes(
             self.session, self.round, u, bundle.cipher_pk, bundle.mask_pk, bundle.sig_pk,
             self.params_digest))
@@ -327,13 +349,31 @@ class MaskingServer(ServerWorkflow):
         self._require(len(self.active), "after masked_input")
         self._check_recoverable(set(self.active), "before unmask")
 
+    # --- consistency check (optional) ---------------------------------------------------
+    def _requests_consistency_check(self, u: int) -> dict[str, object]:
+        return {F_SURVIVORS: list(self.contributors)}
+
+    def _on_consistency_check(self, u: int, env: Envelope) -> None:
+        sig = Fields(env, {F_SIGNATURE}).raw(F_SIGNATURE, 64)
+        VerifyKey(self.bundles[u].sig_pk).verify(
+            sig, consistency_message(self.session, self.round, u, self.contributors))
+        self.consistency_sigs[u] = sig
+
+    def _after_consistency_check(self) -> None:
+        self._require(len(self.active), "after consistency_check")
+        self._check_recoverable(set(self.active), "before unmask")
+
     # --- stage 3 -------------------------------------------------------------------------
     def _requests_unmask(self, u: int) -> dict[str, object]:
         known = self.peers[u] | {u}
         survivors = sorted(known & set(self.contributors))
         dropped = sorted(known - set(self.contributors))
         self.unmask_lists[u] = (survivors, dropped)
-        return {F_SURVIVORS: survivors, F_DROPPED: dropped}
+        fields: dict[str, object] = {F_SURVIVORS: survivors, F_DROPPED: dropped}
+        if self.checked:
+            fields[F_SIGNATURES] = bytes_map({v: self.consistency_sigs[v] for v in known
+                                              if v in self.consistency_sigs and v in self.active})
+        return fields
 
     def _on_unmask(self, u: int, env: Envelope) -> None:
         f = Fields(env, {F_B_SHARES, F_S_SHARES})

@@ -556,7 +556,7 @@ def gen_encodings() -> None:
     adv_params = {M.F_N_NODES: 4, M.F_THRESHOLD: 3, M.F_SHARE_THRESHOLD: 3, M.F_GRAPH: "complete",
               M.F_RING_BITS: 32, M.F_LEVELS: 536870911, M.F_CLIP: 4.0, M.F_MAX_WEIGHT: 1.0,
               M.F_SPEC: [["bias", [2]], ["weight", [2, 2]]], M.F_NEIGHBOURS: [1, 2, 4],
-              M.F_SERVER_PK: _b64(public_of(r.bytes(32)))}
+              M.F_SERVER_PK: _b64(public_of(r.bytes(32))), M.F_CONSISTENCY: False}
     digest = M.params_digest(adv_params)
     bundle_msg = M.KeyBundle.signed_bytes(session, 2, 3, cipher_pk, mask_pk, sig_pk, digest)
     bundle_sig = signer.sign(bundle_msg)
