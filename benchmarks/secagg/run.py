@@ -10,15 +10,21 @@ One run measures two cases (see ``README.md`` in this folder):
 Rows per case: ``masking`` (ours), ``plaintext`` (ours, same vectors), ``keystream floor``
 (mask bytes generated / ChaCha20 throughput measured in this run with ``MaskPRG``) and
 ``flower`` (``SecAggPlusWorkflow`` + ``secaggplus_mod`` of flwr, in process, see
-``flower_baseline.py``). Every measurement is repeated ``--reps`` times (default 5) after one
-untimed warm-up run; each reported number is the **median** over the repetitions, taken per
-column (the best of the repetitions and every repetition are kept in the JSON).
+``flower_baseline.py``); case A also has a ``ckks`` row (TenSEAL CKKS with a key authority,
+all n clients contributing). A separate CKKS section times the CKKS operations on one
+d-parameter vector: bytes per float32 parameter, encrypt / add / decrypt seconds per million
+parameters (one core: TenSEAL with one thread).
+
+Every measurement is repeated ``--reps`` times (default 5) after one untimed warm-up run;
+each reported number is the **median** over the repetitions, taken per column (the best of
+the repetitions and every repetition are kept in the JSON).
 
 Usage::
 
     .venv/bin/python benchmarks/secagg/run.py            # full table, writes results.json
     .venv/bin/python benchmarks/secagg/run.py --quick    # small smoke run (writes nothing)
     .venv/bin/python benchmarks/secagg/run.py --profile-only  # cProfile breakdown only
+    .venv/bin/python benchmarks/secagg/run.py --ckks-only     # CKKS section + case A rows
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ from fedcollm_secure import secure_sum  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms  # noqa: E402
 
 from fedcollm_secure.crypto.prg import MaskPRG  # noqa: E402
+from fedcollm_secure.secagg.ckks import PRESETS as CKKS_PRESETS  # noqa: E402
+from fedcollm_secure.secagg.ckks import he as ckks_he  # noqa: E402
 from fedcollm_secure.secagg import get_aggregator  # noqa: E402
 from fedcollm_secure.secagg.tensors import TensorSpec  # noqa: E402
 from fedcollm_secure.transport import FaultPlan, InProcessChannel, drive  # noqa: E402
@@ -174,6 +182,106 @@ def run_plaintext(updates: dict, exact: np.ndarray) -> dict[str, Any]:
     return _ours_metrics(res, wall, [], exact)
 
 
+def run_ckks(updates: dict, threshold: int, exact: np.ndarray) -> dict[str, Any]:
+    """One ``ckks`` round (default preset, one TenSEAL thread per party), every client in."""
+    t0 = time.perf_counter()
+    res = secure_sum(updates, protocol="ckks", threshold=threshold)
+    wall = time.perf_counter() - t0
+    m = _ours_metrics(res, wall, [], exact)
+    m["authority_seconds"] = float(sum(res.stats["authority_seconds"].values()))
+    m["authority_seconds_by_stage"] = dict(res.stats["authority_seconds"])
+    m["error_bound"] = float(res.stats["params"]["error_bound"])
+    if len(res.survivors) != len(updates):
+        raise RuntimeError(f"unexpected survivors {res.survivors}")
+    return m
+
+
+def measure_ckks_ops(d: int, reps: int, seed: int, log) -> dict[str, Any]:
+    """CKKS operations on one vector of ``d`` float32 parameters (+ weight and count slots),
+    default preset, TenSEAL with one thread (= one core). Median over ``reps``.
+
+    encrypt: ``he.encrypt`` (list conversion, encode, public-key encryption, the exact
+    rescale that drops to the last prime, serialization) = what a client does per update;
+    split into encode+encrypt (``ts.ckks_vector``), the level drop and serialization.
+    add: deserialize + check one client's ciphertext, and the homomorphic addition.
+    decrypt: deserialize the aggregate under the secret context, decrypt and decode.
+    """
+    import tenseal as ts
+
+    params = CKKS_PRESETS["n8192"]
+    secret = ckks_he.new_secret_context(params, 1)
+    public = ckks_he.load_public_context(ckks_he.public_context_bytes(secret), params, 1)
+    x = np.random.default_rng(seed).uniform(-1.0, 1.0, d).astype(np.float32)
+    values = np.r_[x.astype(np.float64), 1.0, 1.0]
+    primes = ckks_he._chain(params)[0]
+    timings: dict[str, list[float]] = {k: [] for k in (
+        "encrypt", "encode_encrypt", "drop_level", "serialize", "tolist", "load", "add",
+        "decrypt")}
+    ct = b""
+    for _ in range(reps + 1):  # the first repetition is a warm-up
+        t0 = time.perf_counter()
+        ct = ckks_he.encrypt(public, params, values)
+        t_enc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        as_list = values.tolist()
+        t_list = time.perf_counter() - t0
+        with ckks_he._quiet():
+            t0 = time.perf_counter()
+            vec = ts.ckks_vector(public, as_list)
+            t_ee = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            vec.mul_(primes[1] / params.scale)
+            t_drop = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        vec.serialize()
+        t_ser = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        a = ckks_he.load_vector(public, params, ct, values.size)
+        t_load = time.perf_counter() - t0
+        b = ckks_he.load_vector(public, params, ct, values.size)
+        t0 = time.perf_counter()
+        total = ckks_he.add(a, b)
+        t_add = time.perf_counter() - t0
+        agg = ckks_he.serialize(total)
+        t0 = time.perf_counter()
+        out = ckks_he.decrypt(secret, ckks_he.load_vector(secret, params, agg, values.size))
+        t_dec = time.perf_counter() - t0
+        for k, v in (("encrypt", t_enc), ("encode_encrypt", t_ee), ("drop_level", t_drop),
+                     ("serialize", t_ser), ("tolist", t_list), ("load", t_load),
+                     ("add", t_add), ("decrypt", t_dec)):
+            timings[k].append(v)
+    med = {k: _median(v[1:]) for k, v in timings.items()}
+    per_m = {k: v * 1e6 / d for k, v in med.items()}
+    bpp = len(ct) / d
+    err = float(np.max(np.abs(out[:d] - 2 * values[:d])))
+    res = {
+        "d": d, "reps": reps, "preset": params.describe(), "tenseal_threads": 1,
+        "ciphertext_bytes": len(ct), "chunks": ckks_he.chunks_for(values.size, params),
+        "bytes_per_param": bpp, "x_float32": bpp / 4.0,
+        "fresh_bytes_per_param_without_drop": None,
+        "seconds_per_million_params": per_m,
+        "encrypt_params_per_second_per_core": d / med["encrypt"],
+        "max_abs_error_sum_of_two": err,
+        "error_bound_sum_of_two": params.error_bound(2),
+        "all_reps": timings,
+    }
+    with ckks_he._quiet():
+        res["fresh_bytes_per_param_without_drop"] = len(
+            ts.ckks_vector(public, values.tolist()).serialize()) / d
+    res["targets"] = {"bytes_at_most_14x_float32": res["x_float32"] <= 14.0,
+                      "encrypt_at_least_1.5M_params_per_s_per_core":
+                          res["encrypt_params_per_second_per_core"] >= 1.5e6}
+    log(f"== CKKS operations: d={d} float32 parameters, preset n8192 (N=8192, [60,40,60], "
+        f"2^40), 1 TenSEAL thread, median of {reps}")
+    log(f"   wire: {bpp:.2f} B/parameter = {res['x_float32']:.2f}x float32 "
+        f"(without the level drop: {res['fresh_bytes_per_param_without_drop']:.2f} B)")
+    log("   seconds per 1M parameters: " + ", ".join(f"{k} {v:.3f}" for k, v in per_m.items()))
+    log(f"   encrypt throughput {res['encrypt_params_per_second_per_core'] / 1e6:.2f} M "
+        f"params/s/core; max abs error of a 2-term sum {err:.1e} (bound "
+        f"{res['error_bound_sum_of_two']:.1e})")
+    return res
+
+
 def client_mask_bytes_check(updates: dict, threshold: int, drop: dict[str, str],
                             options: dict) -> dict[str, int]:
     """One untimed masking round built from the aggregator's parts (as ``secure_sum`` does),
@@ -193,7 +301,8 @@ def client_mask_bytes_check(updates: dict, threshold: int, drop: dict[str, str],
 # one case
 # --------------------------------------------------------------------------------------------
 def run_case(name: str, *, n: int, d: int, threshold: int, graph: str, degree: int | None,
-             drops: int, reps: int, seed: int, flower: bool, log) -> dict[str, Any]:
+             drops: int, reps: int, seed: int, flower: bool, log,
+             ckks: bool = False) -> dict[str, Any]:
     log(f"== case {name}: n={n} d={d} graph={graph} threshold={threshold} drops={drops} "
         f"(after masked input), {reps} reps")
     vectors = make_vectors(n, d, seed)
@@ -226,7 +335,8 @@ def run_case(name: str, *, n: int, d: int, threshold: int, graph: str, degree: i
 
     measure_tp("before")
 
-    raw: dict[str, list[dict[str, Any]]] = {"masking": [], "plaintext": [], "flower": []}
+    raw: dict[str, list[dict[str, Any]]] = {"masking": [], "plaintext": [], "flower": [],
+                                            "ckks": []}
     run_plaintext(updates, exact)  # warm-up
     flower_cfg = None
     for r in range(reps):
@@ -237,6 +347,12 @@ def run_case(name: str, *, n: int, d: int, threshold: int, graph: str, degree: i
         log(f"   rep {r + 1}: masking {m['total_seconds']:.3f}s "
             f"(client {m['client_seconds']:.4f}s, server {m['server_seconds']:.4f}s), "
             f"plaintext {p['total_seconds']:.3f}s")
+        if ckks:
+            c = run_ckks(updates, threshold, exact)
+            raw["ckks"].append(c)
+            log(f"   rep {r + 1}: ckks {c['total_seconds']:.3f}s (client "
+                f"{c['client_seconds']:.3f}s, server {c['server_seconds']:.3f}s, key authority "
+                f"{c['authority_seconds']:.3f}s)")
     params = raw["masking"][0]["params"]
     measure_tp("after ours")
 
@@ -301,9 +417,12 @@ def run_case(name: str, *, n: int, d: int, threshold: int, graph: str, degree: i
     cols = ("client_seconds", "server_seconds", "total_seconds", "bytes_per_client",
             "max_abs_error")
     rows: dict[str, dict[str, Any]] = {}
-    for key in ("masking", "plaintext", "flower"):
+    for key in ("masking", "plaintext", "flower", "ckks"):
         if raw[key]:
             rows[key] = {c: _median([x[c] for x in raw[key]]) for c in cols}
+    if raw["ckks"]:
+        rows["ckks"]["authority_seconds"] = _median([x["authority_seconds"] for x in raw["ckks"]])
+        rows["ckks"]["error_bound"] = raw["ckks"][0]["error_bound"]
     best = {key: {c: min(x[c] for x in raw[key]) for c in cols} for key in raw if raw[key]}
     rows["keystream_floor"] = {"client_seconds": floor["client_seconds"],
                                "server_seconds": floor["server_seconds"],
@@ -484,7 +603,8 @@ def _fmt_ratio(r: dict[str, float | None] | None) -> str:
 
 ROW_LABEL = {"masking": "fedcollm `masking`", "plaintext": "fedcollm `plaintext` (insecure)",
              "keystream_floor": "keystream floor (ChaCha20)",
-             "flower": "Flower SecAgg+ (`SecAggPlusWorkflow`)"}
+             "flower": "Flower SecAgg+ (`SecAggPlusWorkflow`)",
+             "ckks": "fedcollm `ckks` (no dropouts; + key authority)"}
 
 
 def markdown_table(case: dict[str, Any]) -> str:
@@ -492,7 +612,7 @@ def markdown_table(case: dict[str, Any]) -> str:
            "| max abs err | vs floor (client / server / total) "
            "| vs Flower (client / server / total) |")
     lines = [hdr, "|" + "---|" * 8]
-    for key in ("masking", "plaintext", "keystream_floor", "flower"):
+    for key in ("masking", "plaintext", "ckks", "keystream_floor", "flower"):
         row = case["rows"].get(key)
         if row is None:
             continue
@@ -503,6 +623,31 @@ def markdown_table(case: dict[str, Any]) -> str:
             f"{_fmt_bytes(row['bytes_per_client'])} | {err} | "
             f"{_fmt_ratio(row['x_floor']) if key != 'keystream_floor' else '1x'} | "
             f"{_fmt_ratio(row.get('x_flower')) if key != 'flower' else '1x'} |")
+    return "\n".join(lines)
+
+
+def ckks_markdown(ops: dict[str, Any]) -> str:
+    per_m = ops["seconds_per_million_params"]
+    lines = [f"### CKKS operations (d={ops['d']} float32 parameters, preset n8192, one core)",
+             "", "| quantity | value | target |", "|---|---|---|",
+             f"| bytes on the wire per float32 parameter | {ops['bytes_per_param']:.2f} B = "
+             f"{ops['x_float32']:.2f}x float32 | <= 14x |",
+             f"| encrypt (client: encode, encrypt, drop to last prime, serialize), s per 1M "
+             f"params | {per_m['encrypt']:.3f} "
+             f"({ops['encrypt_params_per_second_per_core'] / 1e6:.2f} M params/s) | "
+             f">= 1.5 M params/s/core |",
+             f"| add (aggregator: deserialize + check, s per 1M) | {per_m['load']:.3f} | - |",
+             f"| add (aggregator: homomorphic addition, s per 1M) | {per_m['add']:.3f} | - |",
+             f"| decrypt (key authority: deserialize, decrypt, decode, s per 1M) | "
+             f"{per_m['decrypt']:.3f} | - |",
+             f"| encrypt breakdown, s per 1M: tolist / encode+encrypt / level drop / serialize | "
+             f"{per_m['tolist']:.3f} / {per_m['encode_encrypt']:.3f} / "
+             f"{per_m['drop_level']:.3f} / {per_m['serialize']:.3f} | - |",
+             f"| max abs error, sum of two encryptions | {ops['max_abs_error_sum_of_two']:.1e} "
+             f"(bound {ops['error_bound_sum_of_two']:.1e}) | - |"]
+    lines.append("")
+    lines.append("Targets: " + ", ".join(f"{k}={'MET' if v else 'MISSED'}"
+                                         for k, v in ops["targets"].items()))
     return "\n".join(lines)
 
 
@@ -535,6 +680,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="also cProfile one masking round per case (client vs server)")
     ap.add_argument("--profile-only", action="store_true",
                     help="only the cProfile breakdown (no timed table, no JSON unless --out)")
+    ap.add_argument("--no-ckks", action="store_true", help="skip the CKKS rows and section")
+    ap.add_argument("--ckks-only", action="store_true",
+                    help="only the CKKS section and case A (masking, plaintext, ckks rows; no "
+                    "Flower); writes no JSON unless --out")
+    ap.add_argument("--ckks-d", type=int, default=None,
+                    help="vector length of the CKKS section (default 2^20; quick 2^16)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON output (default benchmarks/secagg/results.json for a full run)")
     args = ap.parse_args(argv)
@@ -551,11 +702,14 @@ def main(argv: list[str] | None = None) -> int:
                "B": dict(n=50, d=args.d_b or 2**20, threshold=26, graph="k_regular",
                          degree=args.degree_b, drops=2)}
         reps = args.reps or 5
+    if args.ckks_only:
+        args.cases, args.no_flower = "A", True
     wanted = [c.strip().upper() for c in args.cases.split(",") if c.strip()]
     if not wanted or set(wanted) - set(cfg):
         ap.error(f"--cases must name cases among {sorted(cfg)}")
     cfg = {k: v for k, v in cfg.items() if k in wanted}
-    partial = set(cfg) != {"A", "B"} or args.no_flower or args.profile_only
+    partial = (set(cfg) != {"A", "B"} or args.no_flower or args.profile_only
+               or args.ckks_only or args.no_ckks)
     out = args.out if args.out is not None else (
         None if args.quick or partial else HERE / "results.json")
 
@@ -573,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_at_start": list(os.getloadavg()),
         "python": platform.python_version(), "numpy": np.__version__,
         "cryptography": _version("cryptography"), "flwr": FLWR_VERSION,
+        "tenseal": _version("tenseal"),
         "fedcollm_secure": _version("fedcollm_secure") or _version("fedcollm-secure"),
     }
     log(f"machine: {meta['cpu_model']}, {meta['cpu_count']} CPUs (load average "
@@ -583,7 +738,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile_only:
             break
         cases[name] = run_case(name, reps=reps, seed=args.seed + 100 * i,
-                               flower=not args.no_flower, log=log, **c)
+                               flower=not args.no_flower, log=log,
+                               ckks=name == "A" and not args.no_ckks, **c)
+    ckks_ops = None
+    if not args.no_ckks and not args.profile_only:
+        ckks_ops = measure_ckks_ops(args.ckks_d or (2**16 if args.quick else 2**20), reps,
+                                    args.seed, log)
     profiles = {}
     if args.profile or args.profile_only:
         for i, (name, c) in enumerate(cfg.items()):
@@ -610,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
                  if "flower" in case["best_of_reps"] else "") + ".")
         print("Targets: " + ", ".join(f"{k}={'MET' if v else 'MISSED'}"
                                       for k, v in case["targets"].items()) + "\n")
+    if ckks_ops is not None:
+        print(ckks_markdown(ckks_ops) + "\n")
     if cases:
         print(f"median of {reps} reps per column; run took {meta['elapsed_seconds']:.0f}s; "
               f"1-min load average {meta['loadavg_at_start'][0]:.2f} at start, "
@@ -617,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
               "the machine)")
     if out is not None:
         payload = {"meta": meta, "cases": cases}
+        if ckks_ops is not None:
+            payload["ckks"] = ckks_ops
         if profiles:
             payload["profiles"] = profiles
         out.write_text(json.dumps(payload, indent=2, default=float) + "\n")

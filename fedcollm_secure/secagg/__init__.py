@@ -1,6 +1,6 @@
 """Secure-aggregation protocols built from ``fedcollm_secure.crypto``."""
 
-from . import masking, plaintext  # noqa: F401  (registers the aggregators)
+from . import ckks, masking, plaintext  # noqa: F401  (registers the aggregators)
 from .base import (
     Aggregator,
     ClientEndpoint,
