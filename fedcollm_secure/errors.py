@@ -130,4 +130,25 @@ class CiphertextError(ProtocolError):
     """A ciphertext is cut, corrupted, or made for another context, session or round."""
 
 
+# --- audit log ---------------------------------------------------------------------------------
+class AuditLogError(FedCoLLMSecureError):
+    """An audit log cannot be written or read, or fails verification. ``line`` (1-based) and
+    ``seq`` say where, when known."""
+
+    def __init__(self, message: str, *, line: int | None = None,
+                 seq: int | None = None) -> None:
+        where = ", ".join(f"{k} {v}" for k, v in (("line", line), ("seq", seq)) if v is not None)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.line, self.seq = line, seq
+
+
+class AuditChainError(AuditLogError):
+    """The hash chain or a signature of an audit log breaks: a record was edited, reordered,
+    inserted, deleted or forged."""
+
+
+class AuditIncompleteError(AuditLogError):
+    """An audit log has no closing record: it was truncated, or its run is still going."""
+
+
 __all__ = [name for name in dir() if name.endswith("Error") or name == "TransportTimeout"]

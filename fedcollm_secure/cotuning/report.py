@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 
+from ..privacy.ledger import markdown_lines as privacy_markdown
+from ..privacy.ledger import summarise as privacy_summary
+from ..audit.log import AuditLog
 from .data import MCExample
 from .lora import save_adapter
 
@@ -107,6 +110,7 @@ def build_report(config: Any, history: Sequence[Mapping[str, Any]], *,
                    "wall_seconds": total_seconds},
         "final_eval": history[-1].get("eval", {}) if history else {},
         "adapters": dict(adapters or {}),
+        "privacy": privacy_summary(history),
         "config": cfg,
         "history": list(history),
     }
@@ -180,6 +184,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"| survivors / dropped | {len(survivors or [])} / "
                      f"{len(dropped or {})} |")
         lines.append("")
+    lines += privacy_markdown(report.get("privacy"))
     if report.get("slm_pruned_layers") is not None:
         lines += ["## Note on the SLM", "",
                   PRUNED_SLM_NOTE.format(layers=report["slm_pruned_layers"],
@@ -236,11 +241,13 @@ def write_report(out_dir: str | Path, config: Any, history: Sequence[Mapping[str
                  llm_state: Mapping[str, torch.Tensor] | None = None,
                  slm_state: Mapping[str, torch.Tensor] | None = None,
                  chance: float | None = None, total_seconds: float | None = None,
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                 extra: Mapping[str, Any] | None = None,
+                 audit: AuditLog | None = None) -> dict[str, Path]:
     """Write report.json, report.md, accuracy.png and the adapters into ``out_dir``.
 
     Returns the written files by kind (``json``, ``markdown``, ``plot``, ``llm_adapter``,
-    ``slm_adapter``; absent kinds were not written).
+    ``slm_adapter``; absent kinds were not written). With ``audit`` (an open audit log) the
+    SHA-256 of every written file is recorded there.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,4 +269,7 @@ def write_report(out_dir: str | Path, config: Any, history: Sequence[Mapping[str
                              encoding="utf-8")
     files["markdown"] = out / "report.md"
     files["markdown"].write_text(render_markdown(report), encoding="utf-8")
+    if audit is not None:
+        for kind, path in files.items():
+            audit.record_artifact(path, role=kind, round_=len(history))
     return files

@@ -13,6 +13,14 @@ against each other on public data (DESIGN.md section 1, step 4)::
 over answer-token positions only (the LM heads run only there, :func:`models.logits_at`).
 The teacher's logits come from a no-grad, eval-mode forward of the other model; the
 student's logits carry the gradient of both the CE and the KL term into its LoRA weights.
+
+Given plain token features, both models share one tokenizer (the paper's setting; this path
+is exact). Given a :class:`PublicSet` (:func:`prepare_public`), the pair may use different
+tokenizers: ``distill.mode = "token"`` then runs through the vocabulary bridge
+(:mod:`.bridge`: each model's CE on its own answer tokens, the KL at the answer positions
+aligned by character offsets, the teacher's top-k mapped onto the student's vocabulary), and
+``distill.mode = "choice"`` compares distributions over the answer choices
+(:mod:`.choice_distill`) whatever the tokenizers.
 """
 
 from __future__ import annotations
@@ -28,15 +36,25 @@ import numpy as np
 import torch
 
 from ..api import secure_sum
-from ..errors import ConfigError, UpdateValidationError
+from ..errors import BridgeError, ConfigError, UpdateValidationError
 from ..secagg import SecureSumResult
-from .data import CausalLMCollator, pad_token_id_of
-from .distill import DistillSettings, distillation_loss
+from .bridge import PairedBatch, PairedCollator, PairedFeature, VocabBridge, VocabMap
+from .bridge import bridged_kl, coverage, pair_features
+from .choice_distill import choice_distillation_loss, choice_logprobs
+from .data import (
+    DEFAULT_PROMPT,
+    CausalLMCollator,
+    MCExample,
+    PromptConfig,
+    pad_token_id_of,
+    tokenize_examples,
+)
+from .distill import DistillSettings, answer_cross_entropy, distillation_loss
 from .lora import adapter_parameters, validate_state
-from .models import logits_at, unwrap_causal_lm
+from .models import logits_at, same_tokenizer, unwrap_causal_lm
 from .trainer import TrainSettings, _schedule, batches
 
-__all__ = ["DistillResult", "aggregate_deltas", "mutual_distill"]
+__all__ = ["DistillResult", "PublicSet", "aggregate_deltas", "mutual_distill", "prepare_public"]
 
 Features = Sequence[Mapping[str, Sequence[int]]]
 
@@ -90,6 +108,10 @@ class DistillResult:
     llm_losses: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    mode: str = "token"
+    #: cross-tokenizer token mode: per student side, positions with a KL term, matched
+    #: positions without mappable teacher mass, and the mean mapped share of the top-k mass
+    bridge: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def mean_slm_loss(self) -> float:
@@ -112,13 +134,17 @@ def _answer_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tenso
     return logits_at(model, batch["input_ids"], batch["attention_mask"], batch["answer_mask"])
 
 
-def _teacher_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The teacher's answer-position logits: eval mode (no dropout), no graph."""
+def _teacher_logits(model: Any, batch: Mapping[str, torch.Tensor],
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher's logits at the answer positions (or at ``positions``, ``(n, 2)`` pairs):
+    eval mode (no dropout), no graph."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _answer_logits(model, batch)
+            if positions is None:
+                return _answer_logits(model, batch)
+            return logits_at(model, batch["input_ids"], batch["attention_mask"], positions)
     finally:
         model.train(was_training)
 
@@ -141,6 +167,10 @@ class _Student:
         student = _answer_logits(self.model, batch)[:, :vocab]
         loss = distillation_loss(student, batch["answer_targets"], teacher_logits[:, :vocab],
                                  settings)
+        return self.update(loss)
+
+    def update(self, loss: torch.Tensor) -> float:
+        """One optimizer step on ``loss`` (backward, grad-norm clip, AdamW, schedule)."""
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite {self.what} distillation loss")
         loss.backward()  # type: ignore[no-untyped-call]
@@ -167,16 +197,209 @@ def _shared_vocab(llm: Any, slm: Any, tokenizer: Any) -> int:
     return vocab
 
 
-def mutual_distill(llm: Any, slm: Any, tokenizer: Any, public_features: Features,
+# --------------------------------------------------------------------------------------------
+# public data for any pair
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PublicSet:
+    """The server's public data prepared once for :func:`mutual_distill`.
+
+    ``slm_features``/``llm_features`` are each model's training features (the same list when
+    the tokenizers match); ``pairs`` and ``bridge`` are set for the cross-tokenizer token mode
+    (:func:`bridge.pair_features`, :class:`bridge.VocabBridge`), ``coverage`` is the share of
+    answer positions aligned in each direction (:func:`bridge.coverage`).
+    """
+
+    examples: list[MCExample]
+    mode: Literal["token", "choice"]
+    llm_tokenizer: Any
+    slm_tokenizer: Any
+    slm_features: list[dict[str, list[int]]]
+    llm_features: list[dict[str, list[int]]]
+    pairs: list[PairedFeature] | None = None
+    bridge: VocabBridge | None = None
+    coverage: dict[str, Any] | None = None
+    prompt: PromptConfig = DEFAULT_PROMPT
+    max_length: int | None = None
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.llm_tokenizer is not self.slm_tokenizer
+
+
+def prepare_public(examples: Sequence[MCExample], llm_tokenizer: Any, slm_tokenizer: Any,
+                   settings: DistillSettings, *, max_length: int | None = None,
+                   prompt: PromptConfig = DEFAULT_PROMPT,
+                   cache_dir: str | None | bool = None) -> PublicSet:
+    """Tokenise the public examples for both models and, for the token mode across two
+    different tokenizers, align their answer positions and build (or load) the vocabulary
+    maps (``cache_dir`` as in :func:`bridge.vocab_map`).
+
+    Raises :class:`BridgeError` when not a single answer position aligns in a direction.
+    """
+    examples = list(examples)
+    if not examples:
+        raise ConfigError("the server needs public data for mutual distillation")
+    if same_tokenizer(llm_tokenizer, slm_tokenizer):
+        llm_tokenizer = slm_tokenizer
+    slm_features = tokenize_examples(examples, slm_tokenizer, max_length, prompt=prompt)
+    public = PublicSet(examples, settings.mode, llm_tokenizer, slm_tokenizer, slm_features,
+                       slm_features, prompt=prompt, max_length=max_length)
+    if not public.cross_tokenizer:
+        return public
+    public.llm_features = tokenize_examples(examples, llm_tokenizer, max_length, prompt=prompt)
+    if settings.mode == "token":
+        public.pairs = pair_features(examples, llm_tokenizer, slm_tokenizer, max_length,
+                                     prompt=prompt)
+        public.coverage = coverage(public.pairs)
+        for side in ("slm", "llm"):
+            if not public.coverage[side]["matched"]:
+                raise BridgeError(f"no {side.upper()} answer position of the public data "
+                                  "aligns with a position of the other tokenizer")
+        public.bridge = VocabBridge.build(llm_tokenizer, slm_tokenizer, cache_dir=cache_dir)
+    return public
+
+
+class _BridgeStats:
+    def __init__(self) -> None:
+        self.positions = 0
+        self.dropped = 0
+        self.mass: list[float] = []
+
+    def as_dict(self) -> dict[str, float]:
+        return {"kl_positions": float(self.positions), "dropped_positions": float(self.dropped),
+                "mapped_mass": sum(self.mass) / len(self.mass) if self.mass else math.nan}
+
+
+def _bridged_step(side: _Student, teacher: Any, s_batch: Mapping[str, torch.Tensor],
+                  t_batch: Mapping[str, torch.Tensor], rows: torch.Tensor, pairs: torch.Tensor,
+                  vmap: VocabMap, settings: DistillSettings, stats: _BridgeStats) -> float:
+    """CE on the student's answer tokens + lambda * bridged KL at its aligned positions."""
+    side.model.train()
+    student = _answer_logits(side.model, s_batch)
+    loss = answer_cross_entropy(student, s_batch["answer_targets"])
+    if settings.lambda_kl and rows.numel():
+        teacher_logits = _teacher_logits(teacher, t_batch, pairs)
+        kl = bridged_kl(student[rows], teacher_logits, vmap, settings.top_k,
+                        settings.temperature)
+        loss = loss + settings.lambda_kl * kl.loss
+        stats.positions += kl.positions
+        stats.dropped += kl.dropped_positions
+        stats.mass.append(kl.mapped_mass)
+    return side.update(loss)
+
+
+def _choice_scores(model: Any, tokenizer: Any, examples: Sequence[MCExample],
+                   public: PublicSet) -> list[torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return choice_logprobs(model, tokenizer, examples, prompt=public.prompt,
+                                   max_length=public.max_length)[0]
+    finally:
+        model.train(was_training)
+
+
+def _choice_step(side: _Student, tokenizer: Any, teacher: Any, teacher_tokenizer: Any,
+                 examples: Sequence[MCExample], public: PublicSet,
+                 settings: DistillSettings) -> float:
+    """CE on the correct choice + lambda * KL over the answer choices (tokenizer-free)."""
+    teacher_scores = (_choice_scores(teacher, teacher_tokenizer, examples, public)
+                      if settings.lambda_kl else [torch.zeros(ex.n_choices) for ex in examples])
+    side.model.train()
+    result = choice_distillation_loss(
+        side.model, tokenizer, teacher_scores, examples, lambda_kl=settings.lambda_kl,
+        temperature=settings.temperature, prompt=public.prompt, max_length=public.max_length)
+    return side.update(result.loss)
+
+
+def _run_order(flat: Sequence[Any], order: str, slm_step: Callable[[Any], float],
+               llm_step: Callable[[Any], float], result: DistillResult,
+               progress: Callable[[str, int, float], None] | None) -> None:
+    def run(which: str, step: Callable[[Any], float], batch: Any) -> None:
+        loss = step(batch)
+        losses = result.slm_losses if which == "slm" else result.llm_losses
+        losses.append(loss)
+        if progress is not None:
+            progress(which, len(losses), loss)
+
+    if order == "interleaved":
+        for batch in flat:
+            run("slm", slm_step, batch)
+            run("llm", llm_step, batch)
+    else:
+        for batch in flat:
+            run("slm", slm_step, batch)
+        for batch in flat:
+            run("llm", llm_step, batch)
+
+
+def _plan(n: int, train: TrainSettings, generator: torch.Generator) -> list[list[int]]:
+    """Index batches: ``train.epochs`` shuffles (the order :func:`trainer.batches` draws),
+    capped at ``train.max_steps``."""
+    flat: list[list[int]] = []
+    for _ in range(train.epochs):
+        order = torch.randperm(n, generator=generator).tolist()
+        flat.extend(order[s:s + train.batch_size] for s in range(0, n, train.batch_size))
+    return flat[:train.max_steps] if train.max_steps else flat
+
+
+def _distill_public(llm: Any, slm: Any, public: PublicSet, settings: DistillSettings,
+                    train: TrainSettings, generator: torch.Generator, order: str,
+                    progress: Callable[[str, int, float], None] | None) -> DistillResult:
+    result = DistillResult(mode=settings.mode)
+    plan = _plan(len(public.examples), train, generator)
+    slm_side = _Student(slm, "SLM", train, len(plan))
+    llm_side = _Student(llm, "LLM", train, len(plan))
+    slm_tok, llm_tok = public.slm_tokenizer, public.llm_tokenizer
+    if settings.mode == "choice":
+        batches_: list[Any] = [[public.examples[i] for i in idx] for idx in plan]
+
+        def slm_step(b: Any) -> float:
+            return _choice_step(slm_side, slm_tok, llm, llm_tok, b, public, settings)
+
+        def llm_step(b: Any) -> float:
+            return _choice_step(llm_side, llm_tok, slm, slm_tok, b, public, settings)
+
+        _run_order(batches_, order, slm_step, llm_step, result, progress)
+        return result
+    if public.pairs is None or public.bridge is None:
+        raise ConfigError("this public set has no vocabulary bridge; pass plain features for a "
+                          "pair that shares a tokenizer")
+    collate = PairedCollator(llm_tok, slm_tok)
+    paired = [collate([public.pairs[i] for i in idx]) for idx in plan]
+    bridge = public.bridge
+    stats = {"slm": _BridgeStats(), "llm": _BridgeStats()}
+
+    def slm_bridged(b: PairedBatch) -> float:
+        return _bridged_step(slm_side, llm, b.slm, b.llm, b.slm_rows, b.llm_pairs,
+                             bridge.llm_to_slm, settings, stats["slm"])
+
+    def llm_bridged(b: PairedBatch) -> float:
+        return _bridged_step(llm_side, slm, b.llm, b.slm, b.llm_rows, b.slm_pairs,
+                             bridge.slm_to_llm, settings, stats["llm"])
+
+    _run_order(paired, order, slm_bridged, llm_bridged, result, progress)
+    result.bridge = {side: st.as_dict() for side, st in stats.items()}
+    if public.coverage is not None:
+        for side in ("slm", "llm"):
+            result.bridge[side]["coverage"] = float(public.coverage[side]["coverage"])
+    return result
+
+
+def mutual_distill(llm: Any, slm: Any, tokenizer: Any, public_features: Features | PublicSet,
                    settings: DistillSettings, train: TrainSettings, seed: int | None = None,
                    *, order: Literal["interleaved", "sequential"] | None = None,
                    progress: Callable[[str, int, float], None] | None = None) -> DistillResult:
-    """Mutual distillation of the LLM and SLM LoRA adapters on ``public_features``, in place.
+    """Mutual distillation of the LLM and SLM LoRA adapters on the public data, in place.
 
-    Both models are peft models over the same tokenizer (the engine checks the pair with
-    :func:`models.check_same_tokenizer`). ``train`` gives epochs (R), batch size, AdamW
+    ``public_features`` is either plain token features (both models share ``tokenizer``;
+    ``distill.mode`` must be ``token``: the paper's path) or a :class:`PublicSet` from
+    :func:`prepare_public` (any pair; cross-tokenizer token mode through the vocabulary
+    bridge, or the choice mode). ``train`` gives epochs (R), batch size, AdamW
     learning rate / weight decay, grad-norm clipping, schedule and ``max_steps`` (per model);
-    ``settings`` gives lambda, temperature, top-k and the order (``order`` overrides it):
+    ``settings`` gives lambda, temperature, top-k, mode and the order (``order`` overrides it):
 
     * ``interleaved`` (paper, default): per batch one SLM step against the LLM's current
       logits, then one LLM step against the just-updated SLM's logits;
@@ -189,11 +412,30 @@ def mutual_distill(llm: Any, slm: Any, tokenizer: Any, public_features: Features
     order = order or settings.order
     if order not in ("interleaved", "sequential"):
         raise ConfigError(f"distill.order must be interleaved or sequential, got {order!r}")
+    generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+    if isinstance(public_features, PublicSet):
+        if public_features.mode != settings.mode:
+            raise ConfigError(f"the public set was prepared for distill.mode = "
+                              f"{public_features.mode!r}, settings say {settings.mode!r}")
+        if public_features.slm_tokenizer is not tokenizer:
+            raise ConfigError("the public set was prepared with another SLM tokenizer")
+        start = time.perf_counter()
+        try:
+            result = _distill_public(llm, slm, public_features, settings, train, generator,
+                                     order, progress)
+        finally:
+            llm.eval()
+            slm.eval()
+        result.steps = len(result.slm_losses)
+        result.seconds = time.perf_counter() - start
+        return result
+    if settings.mode != "token":
+        raise ConfigError("distill.mode = 'choice' needs a PublicSet (prepare_public) with the "
+                          "examples' answer choices")
     result = DistillResult()
     if not public_features:
         return result
     vocab = _shared_vocab(llm, slm, tokenizer)
-    generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
     collate = CausalLMCollator(pad_token_id_of(tokenizer))
     plan = [batches(public_features, train.batch_size, collate, generator)
             for _ in range(train.epochs)]
@@ -203,28 +445,15 @@ def mutual_distill(llm: Any, slm: Any, tokenizer: Any, public_features: Features
     slm_side = _Student(slm, "SLM", train, len(flat))
     llm_side = _Student(llm, "LLM", train, len(flat))
     start = time.perf_counter()
+
+    def slm_step(batch: Mapping[str, torch.Tensor]) -> float:
+        return slm_side.step(batch, _teacher_logits(llm, batch), settings, vocab)
+
+    def llm_step(batch: Mapping[str, torch.Tensor]) -> float:
+        return llm_side.step(batch, _teacher_logits(slm, batch), settings, vocab)
+
     try:
-        if order == "interleaved":
-            for batch in flat:
-                loss = slm_side.step(batch, _teacher_logits(llm, batch), settings, vocab)
-                result.slm_losses.append(loss)
-                if progress is not None:
-                    progress("slm", len(result.slm_losses), loss)
-                loss = llm_side.step(batch, _teacher_logits(slm, batch), settings, vocab)
-                result.llm_losses.append(loss)
-                if progress is not None:
-                    progress("llm", len(result.llm_losses), loss)
-        else:
-            for batch in flat:
-                loss = slm_side.step(batch, _teacher_logits(llm, batch), settings, vocab)
-                result.slm_losses.append(loss)
-                if progress is not None:
-                    progress("slm", len(result.slm_losses), loss)
-            for batch in flat:
-                loss = llm_side.step(batch, _teacher_logits(slm, batch), settings, vocab)
-                result.llm_losses.append(loss)
-                if progress is not None:
-                    progress("llm", len(result.llm_losses), loss)
+        _run_order(flat, order, slm_step, llm_step, result, progress)
     finally:
         llm.eval()
         slm.eval()

@@ -134,10 +134,21 @@ def train_lora(model: Any, tokenizer: Any, features: Features, settings: TrainSe
 
 
 def client_update(model: Any, tokenizer: Any, global_state: Mapping[str, torch.Tensor],
-                  features: Features, settings: TrainSettings, *, seed: int | None = None
+                  features: Features, settings: TrainSettings, *, seed: int | None = None,
+                  dp: tuple[float, float] | None = None,
                   ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Load the broadcast adapter, train locally, return ``(delta, result)``:
-    ``delta = theta_k - theta_t`` as named float32 tensors."""
+    ``delta = theta_k - theta_t`` as named float32 tensors.
+
+    ``dp = (noise_multiplier, max_grad_norm)`` trains with DP-SGD instead
+    (:func:`fedcollm_secure.privacy.dpsgd.train_lora_dp`: Poisson sampling from the OS
+    CSPRNG, so ``seed`` does not apply); the result is then a ``DPTrainResult``.
+    """
     load_adapter_state(model, global_state)
-    result = train_lora(model, tokenizer, features, settings, seed=seed)
+    if dp is not None:
+        from ..privacy.dpsgd import train_lora_dp  # Opacus only when DP-SGD is on
+        result: TrainResult = train_lora_dp(model, tokenizer, features, settings,
+                                            noise_multiplier=dp[0], max_grad_norm=dp[1])
+    else:
+        result = train_lora(model, tokenizer, features, settings, seed=seed)
     return adapter_delta(adapter_state(model), global_state), result

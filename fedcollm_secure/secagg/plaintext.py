@@ -16,6 +16,7 @@ from ..crypto.randomness import RandomSource
 from ..errors import (
     ConfigError,
     FedCoLLMSecureError,
+    PartyError,
     ProtocolError,
     ThresholdError,
     WireFormatError,
@@ -72,6 +73,8 @@ class PlaintextClient(ClientEndpoint):
 class PlaintextServer(ServerWorkflow):
     def __init__(self, client_ids: Sequence[str], spec: TensorSpec, threshold: int,
                  session: bytes, round_: int) -> None:
+        if len(set(client_ids)) != len(client_ids):
+            raise PartyError("duplicate client ids")
         self.ids = {i + 1: cid for i, cid in enumerate(sorted(client_ids))}
         self.spec, self.threshold = spec, threshold
         self.session, self.round = session, round_

@@ -29,13 +29,22 @@ class Channel(ABC):
 Progress = Callable[[str, int, int], None]  # stage, requests sent, replies received
 
 
-def drive(workflow: ServerWorkflow, channel: Channel,
-          progress: Progress | None = None) -> SecureSumResult:
-    """Run ``workflow`` to completion over ``channel``; merge transport stats into the result."""
+RepliesHook = Callable[[str, Mapping[str, bytes]], None]  # stage, client id -> reply bytes
+
+
+def drive(workflow: ServerWorkflow, channel: Channel, progress: Progress | None = None,
+          on_replies: RepliesHook | None = None) -> SecureSumResult:
+    """Run ``workflow`` to completion over ``channel``; merge transport stats into the result.
+
+    ``on_replies`` sees each stage's replies exactly as the server receives them, before it
+    processes them (the audit log records their digests there).
+    """
     seconds: dict[str, float] = {}
     while (req := workflow.next_requests()) is not None:
         start = time.perf_counter()
         replies = channel.exchange(req.stage, req.messages)
+        if on_replies is not None:
+            on_replies(req.stage, replies)
         if progress is not None:
             progress(req.stage, len(req.messages), len(replies))
         workflow.receive(req.stage, replies)
