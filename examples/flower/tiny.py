@@ -1,0 +1,122 @@
+"""One FedCoLLM round with tiny random models: in process, on Flower's simulation engine, or
+on a loopback deployment (a real SuperLink and SuperNodes on 127.0.0.1, INSECURE).
+
+    python examples/flower/tiny.py inprocess
+    python examples/flower/tiny.py simulation
+    python examples/flower/tiny.py deployment
+
+The Flower modes copy this directory's ``pyproject.toml`` with the tiny run config below into
+``<workdir>/app`` and submit it with ``flwr run``; every process started is stopped at the
+end. Prints one JSON line: wall seconds of the round (server view: from sending ``train``
+to the aggregated, distilled adapter) and end to end (from submission to the end of the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_config(models: Path, out: Path) -> dict[str, Any]:
+    return {
+        "fedcollm.llm.source": str(models / "llm"), "fedcollm.slm.source": str(models / "slm"),
+        "fedcollm.lora.r": 4, "fedcollm.lora.alpha": 8, "fedcollm.lora.dropout": 0.0,
+        "fedcollm.n_clients": 3, "fedcollm.rounds": 1, "fedcollm.aggregator": "masking",
+        "fedcollm.aggregator_options.clip": 1.0, "fedcollm.threshold": 2,
+        "fedcollm.data.source": "generated", "fedcollm.data.limit": 48,
+        "fedcollm.data.eval_limit": 0, "fedcollm.data.client_eval_limit": 0,
+        "fedcollm.data.max_length": 64, "fedcollm.partition.scheme": "iid",
+        "fedcollm.train.batch_size": 8, "fedcollm.train.learning_rate": 1e-2,
+        "fedcollm.train.schedule": "constant", "fedcollm.train.max_steps": 2,
+        "fedcollm.distill_train.batch_size": 8, "fedcollm.distill_train.max_steps": 1,
+        "flower.min_nodes": 3, "flower.node_wait_timeout": 120.0,
+        "flower.train_timeout": 300.0, "flower.stage_timeout": 120.0,
+        "flower.poll_interval": 0.1, "flower.output_dir": str(out),
+    }
+
+
+def tiny_models(models: Path) -> None:
+    from fedcollm_secure.cotuning.models import save_tiny_model
+
+    if not (models / "slm").exists():
+        save_tiny_model(models / "llm", "llama", seed=3, hidden=48, layers=2)
+        save_tiny_model(models / "slm", "llama", seed=4, hidden=32, layers=1)
+
+
+def inprocess(cfg_flat: dict[str, Any]) -> dict[str, Any]:
+    from fedcollm_secure.cotuning.engine import FedCoLLM
+    from fedcollm_secure.transport.flower.config import fedcollm_config
+
+    start = time.perf_counter()
+    engine = FedCoLLM(fedcollm_config(cfg_flat))
+    loaded = time.perf_counter()
+    record = engine.run_round(1)
+    end = time.perf_counter()
+    return {"mode": "inprocess", "round_s": round(end - loaded, 2),
+            "end_to_end_s": round(end - start, 2), "survivors": record["survivors"],
+            "round_phases_s": {k: round(v, 2) for k, v in record["seconds"].items()}}
+
+
+def flower(mode: str, cfg_flat: dict[str, Any], work: Path) -> dict[str, Any]:
+    import tomli_w
+
+    from fedcollm_secure.transport.flower.loopback import LoopbackFederation
+
+    project = tomllib.loads((HERE / "pyproject.toml").read_text())
+    project["tool"]["flwr"]["app"]["config"] = cfg_flat
+    (work / "app").mkdir(parents=True, exist_ok=True)
+    (work / "app" / "pyproject.toml").write_text(tomli_w.dumps(project))
+    out = Path(cfg_flat["flower.output_dir"])
+    fed = LoopbackFederation(3, work / "fed", simulation=mode == "simulation")
+    try:
+        fed.start()
+        start = time.time()
+        submitted = fed.run_app(work / "app")
+        if submitted.returncode != 0:
+            raise SystemExit(submitted.stdout + submitted.stderr)
+        events: list[dict[str, Any]] = []
+        while time.time() - start < 900:
+            path = out / "progress.jsonl"
+            events = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+            if any(e["event"] == "done" for e in events):
+                break
+            time.sleep(0.2)
+        else:
+            raise SystemExit(f"no result after 900 s; logs in {fed.logs}")
+    finally:
+        fed.stop()
+    sent = next(e["time"] for e in events if e.get("stage") == "train" and "phase" in e)
+    rnd = next(e for e in events if e["event"] == "round")
+    done = next(e["time"] for e in events if e["event"] == "done")
+    record = json.loads((out / "rounds.json").read_text())[0]
+    return {"mode": mode, "round_s": round(rnd["time"] - sent, 2),
+            "end_to_end_s": round(done - start, 2), "survivors": record["survivors"],
+            "round_phases_s": {k: round(v, 2) for k, v in record["seconds"].items()},
+            "stage_s": {k: round(v, 2) for k, v in record["stage_seconds"].items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["inprocess", "simulation", "deployment"])
+    parser.add_argument("--workdir", default="runs/flower-tiny")
+    args = parser.parse_args()
+    work = Path(args.workdir).resolve() / args.mode
+    shutil.rmtree(work, ignore_errors=True)
+    models = Path(args.workdir).resolve() / "models"
+    tiny_models(models)
+    cfg = run_config(models, work / "out")
+    result = inprocess(cfg) if args.mode == "inprocess" else flower(args.mode, cfg, work)
+    print(json.dumps(result))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

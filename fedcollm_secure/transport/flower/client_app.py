@@ -1,0 +1,241 @@
+"""The FedCoLLM ``ClientApp``: local training, then the protocol stages of the aggregator.
+
+Handlers (message types sent by :mod:`.server_app`):
+
+* ``train``: load the broadcast SLM adapter ``theta_t``, train it on this node's data with
+  :func:`~fedcollm_secure.cotuning.trainer.client_update` (the in-process trainer, the same
+  per-client seed), keep the delta in the node's ``Context.state`` and report the weight;
+* ``query.<stage>`` for every stage of every registered aggregator: hand the envelope bytes
+  to this round's :class:`~fedcollm_secure.secagg.base.ClientEndpoint` (rebuilt by
+  :mod:`.replay`) and return its reply bytes.
+
+The node's data is its shard of the run's training data (node config ``partition-id`` /
+``num-partitions``, the split the in-process engine makes) or a local file (``data-path``,
+with ``client-id``). The aggregator comes from the run config and must be one the node
+accepts (node config ``fedcollm-aggregators``; default ``masking,ckks``). Protocol stages do
+not import torch; only ``train`` does.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from ...errors import ConfigError, FedCoLLMSecureError, ProtocolError
+from ...secagg import available_aggregators
+from ...secagg.base import _REGISTRY
+from .channel import (
+    F_CLIENT_ID,
+    F_CLIPPED,
+    F_ERROR,
+    F_LOSS,
+    F_MAX_WEIGHT,
+    F_N_EXAMPLES,
+    F_PAYLOAD,
+    F_PROTOCOL_ROUND,
+    F_ROUND,
+    F_SESSION,
+    F_STAGE,
+    F_STEPS,
+    F_THETA,
+    F_WEIGHT,
+    RECORD,
+)
+from .config import (
+    NODE_CLIENT_ID,
+    NODE_DATA_PATH,
+    NODE_PARTITION_ID,
+    aggregator_name,
+    fedcollm_config,
+    node_aggregators,
+    node_partition,
+)
+from .replay import EndpointState, KeystreamRandom, update_from_bytes, update_to_bytes
+
+if TYPE_CHECKING:
+    from ...cotuning.engine import FedCoLLMConfig
+
+STATE_RECORD = "fedcollm.round"
+
+app = ClientApp()
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _reply(msg: Message, fields: Mapping[str, Any]) -> Message:
+    return Message(RecordDict({RECORD: ConfigRecord(dict(fields))}), reply_to=msg)
+
+
+def _refuse(msg: Message, exc: Exception) -> Message:
+    return _reply(msg, {F_ERROR: f"{type(exc).__name__}: {exc}"})
+
+
+def _incoming(msg: Message) -> ConfigRecord:
+    rec = msg.content.config_records.get(RECORD)
+    if not isinstance(rec, ConfigRecord):
+        raise ProtocolError(f"message without a {RECORD!r} record")
+    return rec
+
+
+def _check_aggregator(context: Context) -> str:
+    name = aggregator_name(context.run_config)
+    allowed = node_aggregators(context.node_config)
+    if name not in allowed:
+        raise ConfigError(f"this node accepts only {list(allowed)}; the run asks for {name!r}")
+    return name
+
+
+@dataclass
+class _ClientParts:
+    """A node's SLM (with LoRA), tokenizer and tokenized training data."""
+
+    client_id: str
+    index: int
+    slm: Any
+    tokenizer: Any
+    features: Any
+    n_examples: int
+
+
+_PARTS: dict[tuple[int, int], _ClientParts] = {}  # (run id, node id): reused in one process
+
+
+def _client_parts(cfg: FedCoLLMConfig, node_config: Mapping[str, Any],
+                  key: tuple[int, int]) -> _ClientParts:
+    if key in _PARTS:
+        return _PARTS[key]
+    from ...cotuning.data import federated_split, load_mc_dataset, tokenize_examples
+    from ...cotuning.lora import attach_lora
+    from ...cotuning.models import derive_slm_by_pruning, load_model
+    from .parts import load_split
+
+    path = node_config.get(NODE_DATA_PATH)
+    if path is not None:
+        cid = node_config.get(NODE_CLIENT_ID)
+        if not isinstance(path, str) or not isinstance(cid, str) or not cid:
+            raise ConfigError(f"node config {NODE_DATA_PATH!r} needs a string "
+                              f"{NODE_CLIENT_ID!r}")
+        examples = load_mc_dataset(path, "train", limit=cfg.data.limit)
+        pid = node_config.get(NODE_PARTITION_ID)
+        index = pid if isinstance(pid, int) else zlib.crc32(cid.encode())
+    else:
+        index, n = node_partition(node_config)
+        if n != cfg.n_clients:
+            raise ConfigError(f"node config num-partitions={n}, run config n_clients="
+                              f"{cfg.n_clients}")
+        clients, _ = federated_split(load_split(cfg, "train"), cfg.n_clients,
+                                     public_fraction=cfg.data.public_fraction,
+                                     config=cfg.partition)
+        examples = clients[index]
+        given = node_config.get(NODE_CLIENT_ID)
+        cid = given if isinstance(given, str) and given else f"client-{index}"
+    if cfg.slm is not None:
+        slm, tok = load_model(cfg.slm)
+    else:
+        llm, tok = load_model(cfg.llm)
+        slm = derive_slm_by_pruning(llm, cfg.slm_prune_layers or 1)
+        del llm
+    slm = attach_lora(slm, cfg.lora)
+    slm.eval()
+    features = tokenize_examples(examples, tok, cfg.data.max_length, prompt=cfg.eval.prompt)
+    parts = _ClientParts(cid, index, slm, tok, features, len(examples))
+    _PARTS.clear()  # one run per process at a time
+    _PARTS[key] = parts
+    return parts
+
+
+# --------------------------------------------------------------------------------------------
+# handlers
+# --------------------------------------------------------------------------------------------
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training of round ``t``; the delta stays on the node for the protocol stages."""
+    try:
+        aggregator = _check_aggregator(context)
+        cfg = fedcollm_config(context.run_config)
+        if cfg.privacy.dpsgd_on or cfg.privacy.ddp_on:
+            raise ConfigError("privacy (DP-SGD / distributed DP) is not wired into the Flower "
+                              "transport yet; run it in process")
+        rec = _incoming(msg)
+        t = int(rec[F_ROUND])  # type: ignore[arg-type]
+        theta_bytes = rec[F_THETA]
+        if not isinstance(theta_bytes, bytes):
+            raise ProtocolError("train message without the adapter")
+        import torch
+
+        from ...cotuning.engine import _seed
+        from ...cotuning.trainer import client_update
+
+        parts = _client_parts(cfg, context.node_config, (context.run_id, context.node_id))
+        theta = {n: torch.from_numpy(v.copy()) for n, v in update_from_bytes(theta_bytes).items()}
+        delta, result = client_update(parts.slm, parts.tokenizer, theta, parts.features,
+                                      cfg.train, seed=_seed(cfg.seed, t, parts.index))
+        options = cfg.resolved_aggregator_options()
+        clip = options.get("clip") if aggregator == "masking" else None
+        clipped = 0.0
+        if isinstance(clip, (int, float)):
+            over = sum(int((v.abs() > clip).sum()) for v in delta.values())
+            clipped = over / max(1, sum(v.numel() for v in delta.values()))
+        weight = float(parts.n_examples) if cfg.weighting == "examples" else 1.0
+        state = EndpointState(
+            round=t, client_id=parts.client_id, aggregator=aggregator, options=options,
+            update=update_to_bytes({n: delta[n].numpy() for n in sorted(delta)}),
+            weight=weight, key=KeystreamRandom.new_key())
+        context.state.config_records[STATE_RECORD] = ConfigRecord(state.to_record())
+        return _reply(msg, {F_CLIENT_ID: parts.client_id, F_WEIGHT: weight,
+                            F_N_EXAMPLES: parts.n_examples, F_LOSS: float(result.mean_loss),
+                            F_STEPS: int(result.steps), F_CLIPPED: float(clipped)})
+    except FedCoLLMSecureError as exc:
+        return _refuse(msg, exc)
+
+
+def stage(msg: Message, context: Context) -> Message:
+    """One protocol stage: the round's endpoint answers the envelope bytes."""
+    try:
+        _check_aggregator(context)
+        rec = _incoming(msg)
+        payload = rec.get(F_PAYLOAD)
+        if not isinstance(payload, bytes):
+            raise ProtocolError("stage message without a payload")
+        stored = context.state.config_records.get(STATE_RECORD)
+        if stored is None:
+            raise ProtocolError("no local update for this round (train first)")
+        state = EndpointState.from_record(stored)
+        if int(rec.get(F_ROUND, -1)) != state.round:  # type: ignore[arg-type]
+            raise ProtocolError(f"stage {rec.get(F_STAGE)!r} of round {rec.get(F_ROUND)!r}; "
+                                f"this node trained round {state.round}")
+        session, protocol_round = rec.get(F_SESSION), rec.get(F_PROTOCOL_ROUND)
+        if not isinstance(session, bytes) or not isinstance(protocol_round, int):
+            raise ProtocolError("stage message without session and protocol round")
+        if not state.requests:  # the round's first stage fixes them
+            state.session, state.protocol_round = session, protocol_round
+            max_weight = rec.get(F_MAX_WEIGHT)
+            if isinstance(max_weight, float) and state.aggregator == "masking":
+                state.options["max_weight"] = max_weight
+        elif (session, protocol_round) != (state.session, state.protocol_round):
+            raise ProtocolError("session or protocol round changed within a round")
+        reply = state.answer(payload)
+        context.state.config_records[STATE_RECORD] = ConfigRecord(state.to_record())
+        return _reply(msg, {F_PAYLOAD: reply})
+    except FedCoLLMSecureError as exc:
+        return _refuse(msg, exc)
+
+
+def _register_stages() -> None:
+    seen: set[str] = set()
+    for name in available_aggregators():
+        for s in _REGISTRY[name].stages:
+            if s not in seen:
+                seen.add(s)
+                app.query(s)(stage)
+
+
+_register_stages()
+
+__all__ = ["app", "stage", "train"]

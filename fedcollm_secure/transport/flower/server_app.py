@@ -1,0 +1,245 @@
+"""The FedCoLLM ``ServerApp``: FedCoLLM rounds over a Flower grid.
+
+Round ``t`` (DESIGN.md section 1), as in :meth:`FedCoLLM.run_round`:
+
+1. ``train`` to every connected node with ``theta_t`` (safetensors bytes); a node that does
+   not answer within ``flower.train_timeout`` (or refuses) sits the round out;
+2. the aggregator's :class:`~fedcollm_secure.secagg.base.ServerWorkflow` over the nodes
+   that trained, driven by :func:`~fedcollm_secure.transport.base.drive` through a
+   :class:`.channel.FlowerChannel`: one exchange per protocol stage, each with its own
+   deadline, so a node that disappears mid-round is a dropout the protocol handles;
+3. ``theta = theta_t + sum / weight_total``, then the engine's mutual distillation
+   (:class:`.parts.ServerParts`); ``theta_{t+1}`` is the distilled adapter; evaluation.
+
+With ``flower.output_dir`` set, the server writes ``progress.jsonl`` (one line per stage),
+``rounds.json`` (one record per round, as the engine's history) and, per round,
+``round-<t>/theta.safetensors`` (the broadcast adapter) and ``round-<t>/sum.safetensors``
+(the aggregate the server learned).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from ...crypto.randomness import default_random
+from ...errors import ConfigError, TransportTimeout
+from ...secagg import SecureSumResult, TensorSpec, get_aggregator
+from ..base import drive
+from .channel import (
+    F_CLIENT_ID,
+    F_CLIPPED,
+    F_ERROR,
+    F_LOSS,
+    F_MAX_WEIGHT,
+    F_N_EXAMPLES,
+    F_PROTOCOL_ROUND,
+    F_ROUND,
+    F_SESSION,
+    F_STEPS,
+    F_THETA,
+    F_WEIGHT,
+    RECORD,
+    TRAIN,
+    FlowerChannel,
+    collect,
+    record_of,
+)
+from .config import FlowerSettings, fedcollm_config, flower_settings
+from .replay import update_to_bytes
+
+app = ServerApp()
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout: float, poll: float = 0.5) -> list[int]:
+    """The connected node ids once at least ``n`` are there; :class:`TransportTimeout` if not
+    within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise TransportTimeout(f"{len(nodes)} of {n} nodes connected after {timeout:g} s")
+        time.sleep(poll)
+
+
+class FlowerFedCoLLM:
+    """FedCoLLM rounds driven over ``grid``; the server side of the run lives here."""
+
+    def __init__(self, run_config: dict[str, Any]) -> None:
+        from .parts import ServerParts
+
+        self.config = fedcollm_config(run_config)
+        self.settings: FlowerSettings = flower_settings(run_config)
+        if self.config.privacy.dpsgd_on or self.config.privacy.ddp_on:
+            raise ConfigError("privacy (DP-SGD / distributed DP) is not wired into the Flower "
+                              "transport yet; run it in process")
+        if self.config.aggregator == "ckks":
+            raise ConfigError("ckks over Flower needs its key authority as a separate node or "
+                              "process; that role is not wired into the Flower transport yet "
+                              "(running it inside the ServerApp would hand the aggregator the "
+                              "secret key)")
+        self.out = Path(self.settings.output_dir) if self.settings.output_dir else None
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.parts = ServerParts(self.config)
+        self.history: list[dict[str, Any]] = []
+
+    # --- output ------------------------------------------------------------------------------
+    def _event(self, **fields: Any) -> None:
+        if self.out is None:
+            return
+        with open(self.out / "progress.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"time": time.time(), **fields}, sort_keys=True) + "\n")
+
+    def _save_theta(self, t: int, theta: dict[str, np.ndarray]) -> None:
+        if self.out is None:
+            return
+        d = self.out / f"round-{t}"
+        d.mkdir(exist_ok=True)
+        tmp = d / "theta.safetensors.tmp"
+        tmp.write_bytes(update_to_bytes(theta))
+        tmp.replace(d / "theta.safetensors")
+
+    def _save_round(self, t: int, result: SecureSumResult, record: dict[str, Any]) -> None:
+        if self.out is None:
+            return
+        d = self.out / f"round-{t}"
+        (d / "sum.safetensors").write_bytes(update_to_bytes(result.sum))
+        (self.out / "rounds.json").write_text(json.dumps([*self.history, record], indent=1,
+                                                        default=str))
+
+    # --- rounds ------------------------------------------------------------------------------
+    def run(self, grid: Grid) -> list[dict[str, Any]]:
+        nodes = wait_for_nodes(grid, self.settings.min_nodes, self.settings.node_wait_timeout)
+        self._event(event="nodes", nodes=len(nodes))
+        for t in range(1, self.config.rounds + 1):
+            self.history.append(self.run_round(grid, t))
+        self._event(event="done", rounds=len(self.history))
+        return self.history
+
+    def _train(self, grid: Grid, t: int, theta: dict[str, np.ndarray],
+               ) -> tuple[dict[str, int], dict[str, dict[str, Any]], dict[int, str]]:
+        """Local training on every connected node: (client id -> node id, reports, missing)."""
+        payload = update_to_bytes(theta)
+        nodes = sorted(grid.get_node_ids())
+        messages = {node: Message(RecordDict({RECORD: ConfigRecord({F_ROUND: t,
+                                                                     F_THETA: payload})}),
+                                  dst_node_id=node, message_type=TRAIN, group_id=str(t),
+                                  ttl=max(60.0, 2 * self.settings.train_timeout))
+                    for node in nodes}
+        got, missing = collect(grid, messages, self.settings.train_timeout,
+                               self.settings.poll_interval)
+        admitted: dict[str, int] = {}
+        reports: dict[str, dict[str, Any]] = {}
+        for node, msg in sorted(got.items()):
+            rec = record_of(msg)
+            if rec is None:
+                missing[node] = "reply without a record"
+                continue
+            cid, weight = rec.get(F_CLIENT_ID), rec.get(F_WEIGHT)
+            if (not isinstance(cid, str) or not cid or not isinstance(weight, float)
+                    or not math.isfinite(weight) or weight < 0 or cid in admitted):
+                missing[node] = "refused: " + str(rec.get(
+                    F_ERROR, "bad or duplicate client id / weight"))
+                continue
+            admitted[cid] = node
+            reports[cid] = {"node": node, "weight": weight, "n_examples": rec.get(F_N_EXAMPLES),
+                            "loss": rec.get(F_LOSS), "steps": rec.get(F_STEPS),
+                            "clipped": rec.get(F_CLIPPED)}
+        return admitted, reports, missing
+
+    def run_round(self, grid: Grid, t: int) -> dict[str, Any]:
+        import torch
+
+        from ...cotuning.lora import apply_delta, load_adapter_state, validate_state
+
+        cfg, settings = self.config, self.settings
+        seconds: dict[str, float] = {}
+        theta_t = {n: v.clone() for n, v in self.parts.global_state.items()}
+        theta_np = {n: v.numpy() for n, v in sorted(theta_t.items())}
+
+        self._save_theta(t, theta_np)
+        start = time.perf_counter()
+        self._event(event="stage", round=t, stage=TRAIN, phase="sent")
+        admitted, reports, missing = self._train(grid, t, theta_np)
+        seconds["clients"] = time.perf_counter() - start
+        self._event(event="stage", round=t, stage=TRAIN, received=len(admitted),
+                    missing={str(k): v for k, v in missing.items()})
+
+        start = time.perf_counter()
+        options = cfg.resolved_aggregator_options()
+        weighted = cfg.weighting == "examples"
+        fields: dict[str, Any] = {F_PROTOCOL_ROUND: t}
+        if weighted and cfg.aggregator == "masking" and "max_weight" not in options and reports:
+            options["max_weight"] = max(max(r["weight"] for r in reports.values()), 1e-12)
+            fields[F_MAX_WEIGHT] = float(options["max_weight"])
+        aggregator = get_aggregator(cfg.aggregator, **options)
+        session = default_random().bytes(16)
+        fields[F_SESSION] = session
+        spec = TensorSpec.of(theta_np)
+        workflow = aggregator.server(sorted(admitted), spec, threshold=cfg.threshold,
+                                     weighted=weighted, session=session, round_=t)
+        channel = FlowerChannel(grid, admitted, round_=t, timeout=settings.timeout,
+                                fields=fields, poll_interval=settings.poll_interval)
+
+        def progress(stage: str, sent: int, received: int) -> None:
+            self._event(event="stage", round=t, stage=stage, sent=sent, received=received)
+
+        result = drive(workflow, channel, progress)
+        if not result.weight_total > 0:
+            raise ConfigError("the surviving clients' weights sum to zero")
+        shapes = {n: tuple(v.shape) for n, v in theta_t.items()}
+        mean = {n: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).reshape(shapes[n])
+                for n, v in result.mean().items()}
+        validate_state(mean, shapes, what="aggregated mean delta")
+        seconds["aggregate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        load_adapter_state(self.parts.slm, apply_delta(theta_t, mean))
+        distilled = self.parts.distill(t)
+        seconds["distill"] = time.perf_counter() - start
+        start = time.perf_counter()
+        evaluation = self.parts.evaluate()
+        seconds["evaluate"] = time.perf_counter() - start
+
+        losses = [float(r["loss"]) for r in reports.values()
+                  if isinstance(r["loss"], float) and math.isfinite(r["loss"])]
+        record = {
+            "round": t, "transport": "flower", "mode": cfg.mode,
+            "aggregator": result.protocol or cfg.aggregator, "aggregator_options": options,
+            "nodes": {cid: r["node"] for cid, r in reports.items()},
+            "not_trained": {str(k): v for k, v in missing.items()},
+            "survivors": list(result.survivors), "dropped": dict(result.dropped),
+            "late_dropouts": list(result.stats.get("late_dropouts", [])),
+            "weight_total": result.weight_total,
+            "error_bound": result.stats.get("params", {}).get("error_bound"),
+            "missing": channel.missing, "seconds": seconds,
+            "stage_seconds": result.stats.get("stage_seconds", {}),
+            "bytes": {cid: {"sent": int(sum(channel.bytes_sent[cid].values())),
+                            "received": int(sum(channel.bytes_received[cid].values()))}
+                      for cid in admitted},
+            "clients": reports,
+            "mean_client_loss": sum(losses) / len(losses) if losses else math.nan,
+            "distill": {"steps": distilled.steps, "mean_slm_loss": distilled.mean_slm_loss,
+                        "mean_llm_loss": distilled.mean_llm_loss},
+            "eval": evaluation,
+        }
+        self._save_round(t, result, record)
+        self._event(event="round", round=t, survivors=len(result.survivors),
+                    dropped=dict(result.dropped), late_dropouts=record["late_dropouts"])
+        return record
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point of ``flwr run``: all rounds of the run config."""
+    FlowerFedCoLLM(dict(context.run_config)).run(grid)

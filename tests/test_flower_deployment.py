@@ -1,0 +1,192 @@
+"""FedCoLLM over a real Flower deployment on loopback: SuperLink, three SuperNodes, a dropout.
+
+The round's aggregate is checked against the in-process path for the same inputs: the
+broadcast adapter the Flower server saved, the engine's own client shards, trainer and seeds,
+and ``aggregate_deltas`` with the same dropout. Masks and stochastic rounding draw from
+independent CSPRNGs on the two paths, so the sums agree within the quantisation bound.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr", reason="flwr is not installed (the 'flower' extra)")
+tomli_w = pytest.importorskip("tomli_w", reason="tomli_w (a flwr dependency) is missing")
+
+from fedcollm_secure.transport.flower.loopback import LoopbackFederation  # noqa: E402
+from fedcollm_secure.transport.flower.replay import update_from_bytes  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "flower" / "pyproject.toml"
+BIN = Path(sys.executable).parent  # flower-superlink & co. sit next to the interpreter
+TEST_BUDGET_S = 150.0  # watchdog: the whole test, processes included
+DROP = 2  # partition id of the node killed after it sent its masked input
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+
+pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
+                                reason="flower-superlink is not next to the Python executable")
+
+
+def tiny_run_config(models: Path, out: Path) -> dict[str, Any]:
+    return {
+        "fedcollm.llm.source": str(models / "llm"), "fedcollm.slm.source": str(models / "slm"),
+        "fedcollm.lora.r": LORA["r"], "fedcollm.lora.alpha": LORA["alpha"],
+        "fedcollm.lora.dropout": LORA["dropout"],
+        "fedcollm.n_clients": 3, "fedcollm.rounds": 1, "fedcollm.aggregator": "masking",
+        "fedcollm.aggregator_options.clip": 1.0, "fedcollm.threshold": 2,
+        "fedcollm.data.source": "generated", "fedcollm.data.limit": 48,
+        "fedcollm.data.eval_limit": 0, "fedcollm.data.client_eval_limit": 0,
+        "fedcollm.data.max_length": 64, "fedcollm.partition.scheme": "iid",
+        "fedcollm.train.batch_size": 8, "fedcollm.train.learning_rate": 1e-2,
+        "fedcollm.train.schedule": "constant", "fedcollm.train.max_steps": 2,
+        "fedcollm.distill_train.batch_size": 8, "fedcollm.distill_train.max_steps": 1,
+        "flower.min_nodes": 3, "flower.node_wait_timeout": 60.0,
+        "flower.train_timeout": 90.0, "flower.stage_timeout": 40.0,
+        "flower.stage_timeouts.unmask": 15.0, "flower.poll_interval": 0.1,
+        "flower.output_dir": str(out),
+    }
+
+
+def write_app(app_dir: Path, run_config: dict[str, Any]) -> None:
+    """The example's Flower app with ``run_config`` as its configuration."""
+    project = tomllib.loads(EXAMPLE.read_text())
+    project["tool"]["flwr"]["app"]["config"] = run_config
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
+
+
+def progress(out: Path) -> list[dict[str, Any]]:
+    path = out / "progress.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def in_process_sum(models: Path, run_config: dict[str, Any], theta: dict[str, np.ndarray],
+                   drop: dict[str, str]) -> tuple[dict[str, np.ndarray], Any]:
+    """The same round's aggregate computed in process by the engine's own pieces."""
+    import torch
+
+    from fedcollm_secure.cotuning import engine as engine_mod
+    from fedcollm_secure.cotuning.server import aggregate_deltas
+    from fedcollm_secure.cotuning.trainer import client_update
+    from fedcollm_secure.transport.flower.config import fedcollm_config
+
+    cfg = fedcollm_config(run_config)
+    eng = engine_mod.FedCoLLM(cfg)
+    theta_t = {n: torch.from_numpy(v.copy()) for n, v in theta.items()}
+    deltas = {}
+    for k, (cid, features) in enumerate(zip(eng.client_ids, eng.client_features, strict=True)):
+        deltas[cid], _ = client_update(eng.slm, eng.tokenizer, theta_t, features, cfg.train,
+                                       seed=engine_mod._seed(cfg.seed, 1, k))
+    weights = eng._weights()
+    _, result = aggregate_deltas(deltas, weights, protocol="masking", threshold=cfg.threshold,
+                                 drop=drop, **cfg.resolved_aggregator_options())
+    return result.sum, result
+
+
+@pytest.fixture()
+def watchdog() -> Any:
+    """Fail (rather than hang) if the test outlives its budget: the federation fixture's
+    ``finally`` then stops every process."""
+    fired = threading.Event()
+    timer = threading.Timer(TEST_BUDGET_S, fired.set)
+    timer.daemon = True
+    timer.start()
+    yield fired
+    timer.cancel()
+
+
+def test_masking_round_on_a_loopback_deployment_survives_a_node_killed_after_masking(
+        tmp_path: Path, watchdog: threading.Event) -> None:
+    from fedcollm_secure.cotuning.models import save_tiny_model
+
+    started = time.monotonic()
+    models = tmp_path / "models"
+    save_tiny_model(models / "llm", "llama", seed=3, hidden=48, layers=2)
+    save_tiny_model(models / "slm", "llama", seed=4, hidden=32, layers=1)
+    out = tmp_path / "out"
+    run_config = tiny_run_config(models, out)
+    write_app(tmp_path / "app", run_config)
+
+    dropped_id = f"client-{DROP}"
+    theta_file = out / "round-1" / "theta.safetensors"
+    reference: dict[str, Any] = {}
+
+    def compute_reference() -> None:  # while the federation waits on its pollers
+        try:
+            theta = update_from_bytes(theta_file.read_bytes())
+            reference["theta"] = theta
+            reference["sum"], reference["result"] = in_process_sum(
+                models, run_config, theta, {dropped_id: "unmask"})
+        except Exception as exc:  # reported by the main thread
+            reference["error"] = exc
+
+    worker = threading.Thread(target=compute_reference, daemon=True)
+    fed = LoopbackFederation(3, tmp_path / "fed", bin_dir=BIN)
+    try:
+        fed.start()
+        submitted = fed.run_app(tmp_path / "app")
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        killed = False
+        while True:
+            if worker.ident is None and theta_file.exists():
+                worker.start()
+            if watchdog.is_set():
+                pytest.fail(f"no result within {TEST_BUDGET_S:g} s; events: {progress(out)}; "
+                            f"logs in {fed.logs}")
+            events = progress(out)
+            masked = [e for e in events if e.get("stage") == "masked_input"]
+            if not killed and masked:
+                assert masked[0]["received"] == 3, masked  # every node sent its masked input
+                fed.kill_node(DROP)
+                killed = True
+            if any(e.get("event") == "done" for e in events):
+                break
+            if fed.superlink is not None and fed.superlink.poll() is not None:
+                pytest.fail(f"the SuperLink exited; logs in {fed.logs}")
+            time.sleep(0.05)
+    finally:
+        fed.stop()
+    wall = time.monotonic() - started
+    assert all(p is not None and p.poll() is not None for p in [*fed.nodes, fed.superlink])
+
+    worker.join(timeout=max(1.0, TEST_BUDGET_S - (time.monotonic() - started)))
+    assert "error" not in reference, reference.get("error")
+    assert "result" in reference, "the in-process reference did not finish in time"
+    rounds = json.loads((out / "rounds.json").read_text())
+    assert len(rounds) == 1
+    record = rounds[0]
+    assert record["transport"] == "flower" and record["aggregator"].startswith("masking")
+    assert set(record["nodes"]) == {"client-0", "client-1", "client-2"}
+    # gone after its masked input: its update stays in the sum (self-mask rebuilt from shares)
+    assert record["dropped"] == {}, record["dropped"]
+    assert record["late_dropouts"] == [dropped_id]
+    assert sorted(record["survivors"]) == ["client-0", "client-1", "client-2"]
+    assert list(record["missing"]) == ["unmask"] and list(record["missing"]["unmask"]) == [
+        dropped_id]
+
+    flower_sum = update_from_bytes((out / "round-1" / "sum.safetensors").read_bytes())
+    ref_sum, ref_result = reference["sum"], reference["result"]
+    assert ref_result.dropped == {} and ref_result.stats["late_dropouts"] == [dropped_id]
+    assert record["weight_total"] == pytest.approx(ref_result.weight_total, rel=1e-6)
+    bound = ref_result.stats["params"]["error_bound"]
+    assert bound == pytest.approx(record["error_bound"])
+    assert 0 < bound < 1e-3
+    assert set(flower_sum) == set(ref_sum)
+    worst = max(float(np.max(np.abs(flower_sum[n].astype(np.float64) - ref_sum[n])))
+                for n in ref_sum)
+    scale = max(float(np.max(np.abs(ref_sum[n]))) for n in ref_sum)
+    assert scale > 100 * bound  # the clients really trained: the sum is far from zero
+    assert worst <= 2 * bound, (worst, bound)  # each path is within `bound` of the exact sum
+    print(f"loopback deployment round: {wall:.1f} s wall (test total), max |diff| {worst:.3g}, "
+          f"bound {bound:.3g}; stage seconds {record['stage_seconds']}")
