@@ -4,6 +4,7 @@ on a loopback deployment (a real SuperLink and SuperNodes on 127.0.0.1, INSECURE
     python examples/flower/tiny.py inprocess
     python examples/flower/tiny.py simulation
     python examples/flower/tiny.py deployment
+    python examples/flower/tiny.py deployment --aggregator ckks   # + a key-authority node
 
 The Flower modes copy this directory's ``pyproject.toml`` with the tiny run config below into
 ``<workdir>/app`` and submit it with ``flwr run``; every process started is stopped at the
@@ -25,12 +26,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def run_config(models: Path, out: Path) -> dict[str, Any]:
-    return {
+def run_config(models: Path, out: Path, aggregator: str = "masking") -> dict[str, Any]:
+    cfg: dict[str, Any] = {
         "fedcollm.llm.source": str(models / "llm"), "fedcollm.slm.source": str(models / "slm"),
         "fedcollm.lora.r": 4, "fedcollm.lora.alpha": 8, "fedcollm.lora.dropout": 0.0,
-        "fedcollm.n_clients": 3, "fedcollm.rounds": 1, "fedcollm.aggregator": "masking",
-        "fedcollm.aggregator_options.clip": 1.0, "fedcollm.threshold": 2,
+        "fedcollm.n_clients": 3, "fedcollm.rounds": 1, "fedcollm.aggregator": aggregator,
+        "fedcollm.threshold": 2,
         "fedcollm.data.source": "generated", "fedcollm.data.limit": 48,
         "fedcollm.data.eval_limit": 0, "fedcollm.data.client_eval_limit": 0,
         "fedcollm.data.max_length": 64, "fedcollm.partition.scheme": "iid",
@@ -41,6 +42,28 @@ def run_config(models: Path, out: Path) -> dict[str, Any]:
         "flower.train_timeout": 300.0, "flower.stage_timeout": 120.0,
         "flower.poll_interval": 0.1, "flower.output_dir": str(out),
     }
+    if aggregator == "masking":
+        cfg["fedcollm.aggregator_options.clip"] = 1.0
+    if aggregator == "ckks":
+        cfg["flower.min_nodes"] = 4  # three clients and the key authority
+    return cfg
+
+
+def node_configs(aggregator: str, work: Path) -> list[dict[str, Any]] | None:
+    """For ckks: three client nodes that pin the key authority's public key, and the
+    key-authority node with its identity file and decryption log."""
+    if aggregator != "ckks":
+        return None
+    from fedcollm_secure.identity import KEY_AUTHORITY_NAME, Identity
+
+    authority = Identity.generate(KEY_AUTHORITY_NAME)
+    key_file = work / "authority.key"
+    authority.save(key_file)  # mode 0600, on the authority's machine only
+    clients: list[dict[str, Any]] = [
+        {"partition-id": k, "num-partitions": 3,
+         "ckks-authority-key": authority.public_key.hex()} for k in range(3)]
+    return [*clients, {"fedcollm-role": "key-authority", "identity-file": str(key_file),
+                       "ckks-decryption-log": str(work / "decryptions.jsonl")}]
 
 
 def tiny_models(models: Path) -> None:
@@ -60,12 +83,17 @@ def inprocess(cfg_flat: dict[str, Any]) -> dict[str, Any]:
     loaded = time.perf_counter()
     record = engine.run_round(1)
     end = time.perf_counter()
-    return {"mode": "inprocess", "round_s": round(end - loaded, 2),
+    return {"mode": "inprocess", "aggregator": cfg_flat["fedcollm.aggregator"],
+            "round_s": round(end - loaded, 2),
             "end_to_end_s": round(end - start, 2), "survivors": record["survivors"],
             "round_phases_s": {k: round(v, 2) for k, v in record["seconds"].items()}}
 
 
 def flower(mode: str, cfg_flat: dict[str, Any], work: Path) -> dict[str, Any]:
+    aggregator = str(cfg_flat["fedcollm.aggregator"])
+    if aggregator == "ckks" and mode == "simulation":
+        raise SystemExit("ckks needs a key-authority SuperNode; the simulation engine cannot "
+                         "give a simulated node that role (use the deployment mode)")
     import tomli_w
 
     from fedcollm_secure.transport.flower.loopback import LoopbackFederation
@@ -75,7 +103,9 @@ def flower(mode: str, cfg_flat: dict[str, Any], work: Path) -> dict[str, Any]:
     (work / "app").mkdir(parents=True, exist_ok=True)
     (work / "app" / "pyproject.toml").write_text(tomli_w.dumps(project))
     out = Path(cfg_flat["flower.output_dir"])
-    fed = LoopbackFederation(3, work / "fed", simulation=mode == "simulation")
+    nodes = node_configs(aggregator, work)
+    fed = LoopbackFederation(len(nodes) if nodes else 3, work / "fed", node_configs=nodes,
+                             simulation=mode == "simulation")
     try:
         fed.start()
         start = time.time()
@@ -97,7 +127,9 @@ def flower(mode: str, cfg_flat: dict[str, Any], work: Path) -> dict[str, Any]:
     rnd = next(e for e in events if e["event"] == "round")
     done = next(e["time"] for e in events if e["event"] == "done")
     record = json.loads((out / "rounds.json").read_text())[0]
-    return {"mode": mode, "round_s": round(rnd["time"] - sent, 2),
+    extra = {"ckks": record["ckks"]} if "ckks" in record else {}
+    return {"mode": mode, "aggregator": aggregator, **extra,
+            "round_s": round(rnd["time"] - sent, 2),
             "end_to_end_s": round(done - start, 2), "survivors": record["survivors"],
             "round_phases_s": {k: round(v, 2) for k, v in record["seconds"].items()},
             "stage_s": {k: round(v, 2) for k, v in record["stage_seconds"].items()}}
@@ -107,12 +139,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["inprocess", "simulation", "deployment"])
     parser.add_argument("--workdir", default="runs/flower-tiny")
+    parser.add_argument("--aggregator", choices=["masking", "ckks"], default="masking")
     args = parser.parse_args()
-    work = Path(args.workdir).resolve() / args.mode
+    work = Path(args.workdir).resolve() / f"{args.mode}-{args.aggregator}"
     shutil.rmtree(work, ignore_errors=True)
     models = Path(args.workdir).resolve() / "models"
     tiny_models(models)
-    cfg = run_config(models, work / "out")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = run_config(models, work / "out", args.aggregator)
     result = inprocess(cfg) if args.mode == "inprocess" else flower(args.mode, cfg, work)
     print(json.dumps(result))
     sys.stdout.flush()

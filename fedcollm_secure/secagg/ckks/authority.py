@@ -9,13 +9,18 @@ and answers exactly two requests from the aggregator, in order:
   (checked against signed contribution receipts when client keys are enrolled, and against
   the encrypted contributor count), once per round, and logs the decryption.
 
-The secret key never leaves this object, and it never sees an individual ciphertext.
+The secret key never leaves this object, and it never sees an individual ciphertext. A
+node that rebuilds the authority for every message (e.g. a Flower SuperNode) keeps its
+whole state with :meth:`KeyAuthority.to_state` / :meth:`KeyAuthority.from_state`, on its
+own machine only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +64,11 @@ from .messages import (
 )
 from .params import PROTOCOL, CKKSConfig
 
+STATE_VERSION = 1
+_STATE_META = "meta"
+_STATE_SIGNING_KEY = "signing_key"
+_STATE_CONTEXT = "context_"  # + index of the round in the meta's round list
+
 logger = logging.getLogger("fedcollm_secure.ckks.authority")
 HEADER_LIMIT = 16 << 20
 
@@ -80,6 +90,12 @@ class DecryptionRecord:
                 "contributors": self.contributors,
                 "contributor_ids": list(self.contributor_ids), "threshold": self.threshold,
                 "time": self.time}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DecryptionRecord:
+        return cls(int(data["requester"]), str(data["session"]), int(data["round"]),
+                   int(data["contributors"]), tuple(str(c) for c in data["contributor_ids"]),
+                   int(data["threshold"]), float(data["time"]))
 
 
 @dataclass
@@ -115,6 +131,72 @@ class KeyAuthority:
         if client_id in self.client_keys and self.client_keys[client_id].raw != key.raw:
             raise PartyError(f"client {client_id!r} is already enrolled with another key")
         self.client_keys[client_id] = key
+
+    # --- state export / import --------------------------------------------------------------
+    def to_state(self) -> dict[str, str | bytes]:
+        """The whole state as plain data (JSON and TenSEAL's own serialization, no pickle):
+        the signing key, enrolled client keys, every round (with its secret context until it
+        is decrypted) and the decryption log. It holds secret keys: keep it like a key file,
+        on the authority's machine only."""
+        rounds: list[dict[str, Any]] = []
+        out: dict[str, str | bytes] = {_STATE_SIGNING_KEY: self.signer.private_bytes()}
+        for i, ((session, rnd), r) in enumerate(self.rounds.items()):
+            rounds.append({"session": session.hex(), "round": rnd,
+                           "context_digest": r.context_digest.hex(), "clients": list(r.clients),
+                           "threshold": r.threshold, "length": r.length,
+                           "decrypted": r.decrypted, "opened_at": r.opened_at})
+            if r.ctx is not None:
+                out[f"{_STATE_CONTEXT}{i}"] = bytes(r.ctx.serialize(
+                    save_public_key=True, save_secret_key=True, save_galois_keys=False,
+                    save_relin_keys=False))
+        out[_STATE_META] = json.dumps({
+            "version": STATE_VERSION, "params": self.params.to_json(),
+            "client_keys": {c: k.raw.hex() for c, k in sorted(self.client_keys.items())},
+            "rounds": rounds, "decryptions": [d.to_json() for d in self.decryptions]},
+            sort_keys=True)
+        return out
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], config: CKKSConfig | None = None,
+                   ) -> KeyAuthority:
+        """Rebuild an authority from :meth:`to_state`; its parameters must be ``config``'s."""
+        config = config or CKKSConfig()
+        try:
+            meta = json.loads(str(state[_STATE_META]))
+            if meta["version"] != STATE_VERSION:
+                raise WireFormatError(f"key authority state version {meta['version']!r}")
+            if meta["params"] != config.params().to_json():
+                raise PartyError("the key authority's saved state has other parameters")
+            auth = cls(config, signing_key=SigningKey(bytes(state[_STATE_SIGNING_KEY])))
+            auth.client_keys = {str(c): VerifyKey(bytes.fromhex(k))
+                                for c, k in meta["client_keys"].items()}
+            for i, r in enumerate(meta["rounds"]):
+                blob = state.get(f"{_STATE_CONTEXT}{i}")
+                ctx = None if blob is None else cls._load_secret_context(bytes(blob), auth)
+                digest = bytes.fromhex(r["context_digest"])
+                if ctx is not None and he.context_digest(he.public_context_bytes(ctx)) != digest:
+                    raise CiphertextError("a saved round context does not match its digest")
+                length = r["length"]
+                auth.rounds[(bytes.fromhex(r["session"]), int(r["round"]))] = _Round(
+                    ctx, digest, tuple(str(c) for c in r["clients"]), int(r["threshold"]),
+                    None if length is None else int(length), bool(r["decrypted"]),
+                    float(r["opened_at"]))
+            auth.decryptions = [DecryptionRecord.from_json(d) for d in meta["decryptions"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise WireFormatError(f"key authority state is unreadable: {exc!r}") from None
+        return auth
+
+    @staticmethod
+    def _load_secret_context(blob: bytes, auth: KeyAuthority) -> ts.Context:
+        try:
+            ctx = ts.context_from(blob, n_threads=auth.config.n_threads)
+        except Exception as exc:  # TenSEAL raises ValueError/RuntimeError from protobuf/SEAL
+            raise WireFormatError(f"a saved round context is unreadable: "
+                                  f"{type(exc).__name__}") from None
+        he.check_context(ctx, auth.params, public=False)
+        if not ctx.has_secret_key():
+            raise WireFormatError("a saved round context has no secret key")
+        return ctx
 
     # --- entry point ---------------------------------------------------------------------
     def handle(self, request: bytes) -> bytes:

@@ -40,9 +40,14 @@ F_N_EXAMPLES = "n_examples"
 F_LOSS = "loss"
 F_STEPS = "steps"
 F_CLIPPED = "clipped"
+F_ROLE = "role"  # train reply of a node that is not a client (e.g. "key-authority")
+F_AUTHORITY_KEY = "authority_key"  # the ckks key authority's Ed25519 public key, hex
+F_IDENTITY_KEY = "identity_key"  # a ckks client's Ed25519 public key, hex (train reply)
+F_CLIENT_KEYS = "client_keys"  # JSON {client id: public key hex}, relayed to the authority
 
 TRAIN = "train"
 QUERY = "query"
+AUTHORITY_STAGE = "key_authority"  # aggregator <-> ckks key authority (open_round, decrypt)
 
 
 def stage_message_type(stage: str) -> str:
@@ -111,9 +116,10 @@ class FlowerChannel(Channel):
         self.missing: dict[str, dict[str, str]] = {}  # stage -> client id -> reason
         self.stage_wall: dict[str, float] = {}
 
-    def _message(self, node: int, message_type: str, stage: str, payload: bytes) -> Message:
+    def _message(self, node: int, message_type: str, stage: str, payload: bytes,
+                 extra: Mapping[str, Any] | None = None) -> Message:
         rec = ConfigRecord({F_ROUND: self.round, F_STAGE: stage, F_PAYLOAD: payload,
-                            **self.fields})
+                            **self.fields, **(extra or {})})
         return Message(RecordDict({RECORD: rec}), dst_node_id=node, message_type=message_type,
                        group_id=str(self.round),
                        ttl=max(60.0, 2 * self.timeout(stage)))
@@ -145,17 +151,22 @@ class FlowerChannel(Channel):
         self.stage_wall[stage] = time.perf_counter() - start
         return replies
 
-    def link(self, node: int, message_type: str, stage: str) -> Callable[[bytes], bytes]:
-        """A bytes-in/bytes-out link to another role on ``node`` (e.g. a key authority);
-        raises :class:`TransportTimeout` when no reply arrives in time."""
+    def link(self, node: int, message_type: str, stage: str,
+             extra: Mapping[str, Any] | None = None) -> Callable[[bytes], bytes]:
+        """A bytes-in/bytes-out link to another role on ``node`` (e.g. a key authority),
+        with ``extra`` fields on every message; raises :class:`TransportTimeout` when no
+        reply arrives in time and :class:`TransportError` when the node refuses."""
 
         def send(request: bytes) -> bytes:
             got, errors = collect(self.grid, {node: self._message(node, message_type, stage,
-                                                                  request)},
+                                                                  request, extra)},
                                   self.timeout(stage), self.poll_interval)
             rec = record_of(got[node]) if node in got else None
             payload = None if rec is None else rec.get(F_PAYLOAD)
             if not isinstance(payload, bytes):
+                reason = None if rec is None else rec.get(F_ERROR)
+                if reason:
+                    raise TransportError(f"{message_type} on node {node} refused: {reason!s}")
                 raise TransportTimeout(f"{message_type} on node {node}: "
                                        f"{errors.get(node, 'reply without payload')}")
             return payload

@@ -7,7 +7,14 @@ Handlers (message types sent by :mod:`.server_app`):
   per-client seed), keep the delta in the node's ``Context.state`` and report the weight;
 * ``query.<stage>`` for every stage of every registered aggregator: hand the envelope bytes
   to this round's :class:`~fedcollm_secure.secagg.base.ClientEndpoint` (rebuilt by
-  :mod:`.replay`) and return its reply bytes.
+  :mod:`.replay`) and return its reply bytes. For ``ckks`` the endpoint gets the node's
+  identity key and the key authority's trusted key (:mod:`.trust`).
+
+A node with node config ``fedcollm-role="key-authority"`` is the CKKS key authority of
+``ckks`` runs instead (:mod:`.key_authority`): it answers ``train`` with its role and public
+key only, and ``query.key_authority`` (the aggregator's relayed ``open_round`` / ``decrypt``)
+with the in-process :class:`~fedcollm_secure.secagg.ckks.KeyAuthority`, rebuilt from the
+node's ``Context.state``. Each role refuses the other role's messages.
 
 The node's data is its shard of the run's training data (node config ``partition-id`` /
 ``num-partitions``, the split the in-process engine makes) or a local file (``data-path``,
@@ -26,18 +33,24 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ...errors import ConfigError, FedCoLLMSecureError, ProtocolError
+from ...errors import ConfigError, FedCoLLMSecureError, PartyError, ProtocolError
 from ...secagg import available_aggregators
-from ...secagg.base import _REGISTRY
+from ...secagg.base import _REGISTRY, ClientEndpoint
+from ...secagg.ckks import CKKSClient, CKKSConfig
 from .channel import (
+    AUTHORITY_STAGE,
+    F_AUTHORITY_KEY,
     F_CLIENT_ID,
+    F_CLIENT_KEYS,
     F_CLIPPED,
     F_ERROR,
     F_LOSS,
     F_MAX_WEIGHT,
+    F_IDENTITY_KEY,
     F_N_EXAMPLES,
     F_PAYLOAD,
     F_PROTOCOL_ROUND,
+    F_ROLE,
     F_ROUND,
     F_SESSION,
     F_STAGE,
@@ -49,13 +62,27 @@ from .channel import (
 from .config import (
     NODE_CLIENT_ID,
     NODE_DATA_PATH,
+    NODE_IDENTITY_FILE,
     NODE_PARTITION_ID,
+    ROLE_CLIENT,
+    ROLE_KEY_AUTHORITY,
     aggregator_name,
+    aggregator_options,
     fedcollm_config,
     node_aggregators,
     node_partition,
+    node_role,
 )
+from .key_authority import STATE_RECORD as AUTHORITY_RECORD
+from .key_authority import AuthorityNode
 from .replay import EndpointState, KeystreamRandom, update_from_bytes, update_to_bytes
+from .trust import (
+    F_SIGNING_KEY,
+    TRUST_RECORD,
+    authority_key,
+    client_identity,
+    pinned_authority_key,
+)
 
 if TYPE_CHECKING:
     from ...cotuning.engine import FedCoLLMConfig
@@ -83,7 +110,14 @@ def _incoming(msg: Message) -> ConfigRecord:
     return rec
 
 
+def _check_role(context: Context, role: str) -> None:
+    mine = node_role(context.node_config)
+    if mine != role:
+        raise PartyError(f"this node is a {mine!r} node; it does not answer {role!r} messages")
+
+
 def _check_aggregator(context: Context) -> str:
+    _check_role(context, ROLE_CLIENT)
     name = aggregator_name(context.run_config)
     allowed = node_aggregators(context.node_config)
     if name not in allowed:
@@ -155,7 +189,10 @@ def _client_parts(cfg: FedCoLLMConfig, node_config: Mapping[str, Any],
 # --------------------------------------------------------------------------------------------
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training of round ``t``; the delta stays on the node for the protocol stages."""
+    """Local training of round ``t``; the delta stays on the node for the protocol stages.
+    A key-authority node answers with its role and public key (it trains nothing)."""
+    if node_role(context.node_config) == ROLE_KEY_AUTHORITY:
+        return _authority_hello(msg, context)
     try:
         aggregator = _check_aggregator(context)
         cfg = fedcollm_config(context.run_config)
@@ -188,11 +225,54 @@ def train(msg: Message, context: Context) -> Message:
             update=update_to_bytes({n: delta[n].numpy() for n in sorted(delta)}),
             weight=weight, key=KeystreamRandom.new_key())
         context.state.config_records[STATE_RECORD] = ConfigRecord(state.to_record())
-        return _reply(msg, {F_CLIENT_ID: parts.client_id, F_WEIGHT: weight,
-                            F_N_EXAMPLES: parts.n_examples, F_LOSS: float(result.mean_loss),
-                            F_STEPS: int(result.steps), F_CLIPPED: float(clipped)})
+        fields: dict[str, Any] = {F_CLIENT_ID: parts.client_id, F_WEIGHT: weight,
+                                  F_N_EXAMPLES: parts.n_examples,
+                                  F_LOSS: float(result.mean_loss), F_STEPS: int(result.steps),
+                                  F_CLIPPED: float(clipped)}
+        if aggregator == "ckks" and CKKSConfig.from_dict(options).sign:
+            fields[F_IDENTITY_KEY] = _ckks_identity(context, parts.client_id).verify_key.raw.hex()
+        return _reply(msg, fields)
     except FedCoLLMSecureError as exc:
         return _refuse(msg, exc)
+
+
+def _trust(context: Context) -> dict[str, Any]:
+    rec = context.state.config_records.get(TRUST_RECORD)
+    return dict(rec) if rec is not None else {}
+
+
+def _ckks_identity(context: Context, client_id: str) -> Any:
+    """This client's identity key for the run (saved in ``Context.state`` unless it comes
+    from an identity file)."""
+    trust = _trust(context)
+    key = client_identity(trust, context.node_config, client_id)
+    if context.node_config.get(NODE_IDENTITY_FILE) is None:
+        trust[F_SIGNING_KEY] = key.private_bytes()
+        context.state.config_records[TRUST_RECORD] = ConfigRecord(trust)
+    return key
+
+
+def _ckks_builder(context: Context, rec: ConfigRecord, state: EndpointState) -> Any:
+    """A builder of this round's :class:`CKKSClient` with the node's keys."""
+    config = CKKSConfig.from_dict(state.options)
+    trust = _trust(context)
+    key = authority_key(context.node_config, rec.get(F_AUTHORITY_KEY), trust)
+    if pinned_authority_key(context.node_config) is None and F_AUTHORITY_KEY not in trust:
+        trust[F_AUTHORITY_KEY] = key.raw.hex()  # trusted on first use, for this run
+        context.state.config_records[TRUST_RECORD] = ConfigRecord(trust)
+    identity = None
+    if config.sign:
+        if context.node_config.get(NODE_IDENTITY_FILE) is None and not isinstance(
+                trust.get(F_SIGNING_KEY), bytes):
+            raise ProtocolError("no identity key for this run (train first)")
+        identity = client_identity(trust, context.node_config, state.client_id)
+
+    def build(st: EndpointState, _rng: KeystreamRandom) -> ClientEndpoint:
+        return CKKSClient(st.client_id, update_from_bytes(st.update), weight=st.weight,
+                          config=config, authority_key=key, identity=identity,
+                          session=st.session or None, round_=st.protocol_round)
+
+    return build
 
 
 def stage(msg: Message, context: Context) -> Message:
@@ -220,8 +300,52 @@ def stage(msg: Message, context: Context) -> Message:
                 state.options["max_weight"] = max_weight
         elif (session, protocol_round) != (state.session, state.protocol_round):
             raise ProtocolError("session or protocol round changed within a round")
-        reply = state.answer(payload)
+        build = _ckks_builder(context, rec, state) if state.aggregator == "ckks" else None
+        reply = state.answer(payload, build)
         context.state.config_records[STATE_RECORD] = ConfigRecord(state.to_record())
+        return _reply(msg, {F_PAYLOAD: reply})
+    except FedCoLLMSecureError as exc:
+        return _refuse(msg, exc)
+
+
+# --------------------------------------------------------------------------------------------
+# the key authority role
+# --------------------------------------------------------------------------------------------
+def _authority(context: Context) -> AuthorityNode:
+    _check_role(context, ROLE_KEY_AUTHORITY)
+    if aggregator_name(context.run_config) != "ckks":
+        raise ConfigError("a key-authority node takes part in ckks runs only")
+    saved = context.state.config_records.get(AUTHORITY_RECORD)
+    return AuthorityNode.load(saved, context.node_config, aggregator_options(context.run_config))
+
+
+def _save_authority(context: Context, node: AuthorityNode) -> None:
+    state: dict[str, Any] = dict(node.state())
+    context.state.config_records[AUTHORITY_RECORD] = ConfigRecord(state)
+
+
+def _authority_hello(msg: Message, context: Context) -> Message:
+    """``train`` on the key-authority node: its role and public key (nothing is trained)."""
+    try:
+        node = _authority(context)
+        _save_authority(context, node)
+        return _reply(msg, {F_ROLE: ROLE_KEY_AUTHORITY, F_AUTHORITY_KEY: node.public_key_hex})
+    except FedCoLLMSecureError as exc:
+        return _refuse(msg, exc)
+
+
+@app.query(AUTHORITY_STAGE)
+def key_authority(msg: Message, context: Context) -> Message:
+    """One relayed request of the aggregator to the key authority (``open_round`` or
+    ``decrypt``); the authority's state is saved in ``Context.state`` for the next."""
+    try:
+        node = _authority(context)
+        rec = _incoming(msg)
+        payload = rec.get(F_PAYLOAD)
+        if not isinstance(payload, bytes):
+            raise ProtocolError("key authority message without a payload")
+        reply = node.answer(payload, rec.get(F_CLIENT_KEYS))
+        _save_authority(context, node)
         return _reply(msg, {F_PAYLOAD: reply})
     except FedCoLLMSecureError as exc:
         return _refuse(msg, exc)
@@ -238,4 +362,4 @@ def _register_stages() -> None:
 
 _register_stages()
 
-__all__ = ["app", "stage", "train"]
+__all__ = ["app", "key_authority", "stage", "train"]

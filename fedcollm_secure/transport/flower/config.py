@@ -42,6 +42,16 @@ NODE_AGGREGATORS = "fedcollm-aggregators"
 DEFAULT_NODE_AGGREGATORS = ("masking", "ckks")
 """Aggregators a node accepts unless its operator names others: the secure ones only, so a
 run config cannot quietly downgrade a node to ``plaintext``."""
+NODE_ROLE = "fedcollm-role"
+ROLE_CLIENT = "client"
+ROLE_KEY_AUTHORITY = "key-authority"
+ROLES = (ROLE_CLIENT, ROLE_KEY_AUTHORITY)
+# ckks trust settings of a node (see key_authority.py and trust.py)
+NODE_IDENTITY_FILE = "identity-file"  # this node's long-term Ed25519 key (identity.Identity)
+NODE_ALLOW_LIST = "allow-list"  # identity.AllowList JSON: pinned keys of the other parties
+NODE_AUTHORITY_KEY = "ckks-authority-key"  # client: the key authority's public key, hex
+NODE_DECRYPTION_LOG = "ckks-decryption-log"  # key authority: JSONL file, one line per decryption
+NODE_MIN_THRESHOLD = "ckks-min-threshold"  # key authority: its own floor on contributors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +172,35 @@ def node_aggregators(node_config: Mapping[str, Any]) -> tuple[str, ...]:
     if not names:
         raise ConfigError(f"node config {NODE_AGGREGATORS!r} names no aggregator")
     return names
+
+
+def node_role(node_config: Mapping[str, Any]) -> str:
+    """This node's role (node config ``fedcollm-role``): ``client`` (default) or
+    ``key-authority`` (the CKKS key authority of ``ckks`` runs; it trains nothing)."""
+    role = node_config.get(NODE_ROLE, ROLE_CLIENT)
+    if role not in ROLES:
+        raise ConfigError(f"node config {NODE_ROLE!r} must be one of {list(ROLES)}, "
+                          f"got {role!r}")
+    return str(role)
+
+
+def node_string(node_config: Mapping[str, Any], key: str) -> str | None:
+    """An optional non-empty string of the node config."""
+    value = node_config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"node config {key!r} must be a non-empty string")
+    return value
+
+
+def aggregator_options(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``fedcollm.aggregator_options.*`` as given (no torch import; the aggregator's own
+    config class validates them)."""
+    options = split_run_config(run_config)[0].get("aggregator_options", {})
+    if not isinstance(options, dict):
+        raise ConfigError("fedcollm.aggregator_options must be a table")
+    return dict(options)
 
 
 def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:

@@ -18,14 +18,15 @@ the rebuilt state is the state that sent those replies; no protocol logic is inv
 
 Limit: an endpoint whose randomness does not come from the ``rng`` it is given (e.g. a
 library that draws its own) cannot be replayed across a stage that uses it; ``ckks`` clients
-have a single stage, so nothing of theirs is replayed.
+have a single stage, so nothing of theirs is replayed. The ``ckks`` key authority, whose
+TenSEAL keys cannot be replayed, saves its state instead (:mod:`.key_authority`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from ...errors import ConfigError, WireFormatError
 from ...secagg.base import ClientEndpoint, get_aggregator
 
 SEED_SIZE = 32
+Builder = Callable[["EndpointState", "KeystreamRandom"], ClientEndpoint]
 MAX_REPLAYED = 64  # requests per round; every registered protocol has far fewer stages
 
 
@@ -90,22 +92,26 @@ class EndpointState:
     protocol_round: int = 0
     requests: list[bytes] = field(default_factory=list)
 
-    def endpoint(self) -> ClientEndpoint:
-        """The endpoint, rebuilt and brought up to date by replaying ``requests``."""
+    def endpoint(self, build: Builder | None = None) -> ClientEndpoint:
+        """The endpoint, rebuilt and brought up to date by replaying ``requests``;
+        ``build`` makes it instead of the aggregator registry (e.g. with the node's keys)."""
         if len(self.requests) > MAX_REPLAYED:
             raise ConfigError(f"more than {MAX_REPLAYED} requests in one round")
         rng = KeystreamRandom(self.key)
-        aggregator = get_aggregator(self.aggregator, **self.options)
-        ep = aggregator.client(self.client_id, update_from_bytes(self.update),
-                               weight=self.weight, rng=rng, session=self.session or None,
-                               round_=self.protocol_round)
+        if build is not None:
+            ep = build(self, rng)
+        else:
+            aggregator = get_aggregator(self.aggregator, **self.options)
+            ep = aggregator.client(self.client_id, update_from_bytes(self.update),
+                                   weight=self.weight, rng=rng, session=self.session or None,
+                                   round_=self.protocol_round)
         for request in self.requests:
             ep.handle(request)
         return ep
 
-    def answer(self, request: bytes) -> bytes:
+    def answer(self, request: bytes, build: Builder | None = None) -> bytes:
         """Answer ``request`` with the endpoint of this round; remember it for the next."""
-        reply = self.endpoint().handle(request)
+        reply = self.endpoint(build).handle(request)
         self.requests.append(bytes(request))
         return reply
 

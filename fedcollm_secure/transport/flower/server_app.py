@@ -11,10 +11,17 @@ Round ``t`` (DESIGN.md section 1), as in :meth:`FedCoLLM.run_round`:
 3. ``theta = theta_t + sum / weight_total``, then the engine's mutual distillation
    (:class:`.parts.ServerParts`); ``theta_{t+1}`` is the distilled adapter; evaluation.
 
+``ckks``: one SuperNode with node config ``fedcollm-role="key-authority"`` is the key
+authority. It answers ``train`` with its role and public key; the workflow reaches it only
+through relayed ``query.key_authority`` messages (:meth:`.channel.FlowerChannel.link`), with
+the client identity keys reported in ``train`` for it to enrol. The ServerApp holds the
+public context only (:class:`~fedcollm_secure.secagg.ckks.CKKSServer` refuses any other).
+
 With ``flower.output_dir`` set, the server writes ``progress.jsonl`` (one line per stage),
 ``rounds.json`` (one record per round, as the engine's history) and, per round,
 ``round-<t>/theta.safetensors`` (the broadcast adapter) and ``round-<t>/sum.safetensors``
-(the aggregate the server learned).
+(the aggregate the server learned); for ``ckks`` also ``round-<t>/ckks_context.msg``, the
+authority's signed public-context message exactly as the aggregator received it.
 """
 
 from __future__ import annotations
@@ -30,17 +37,25 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ...crypto.randomness import default_random
+from ...crypto.signatures import VerifyKey
 from ...errors import ConfigError, TransportTimeout
 from ...secagg import SecureSumResult, TensorSpec, get_aggregator
+from ...secagg.base import ServerWorkflow
+from ...secagg.ckks import CKKSConfig, CKKSServer
 from ..base import drive
 from .channel import (
+    AUTHORITY_STAGE,
+    F_AUTHORITY_KEY,
     F_CLIENT_ID,
+    F_CLIENT_KEYS,
     F_CLIPPED,
     F_ERROR,
+    F_IDENTITY_KEY,
     F_LOSS,
     F_MAX_WEIGHT,
     F_N_EXAMPLES,
     F_PROTOCOL_ROUND,
+    F_ROLE,
     F_ROUND,
     F_SESSION,
     F_STEPS,
@@ -51,8 +66,10 @@ from .channel import (
     FlowerChannel,
     collect,
     record_of,
+    stage_message_type,
 )
-from .config import FlowerSettings, fedcollm_config, flower_settings
+from .config import ROLE_KEY_AUTHORITY, FlowerSettings, fedcollm_config, flower_settings
+from .key_authority import parse_key
 from .replay import update_to_bytes
 
 app = ServerApp()
@@ -82,16 +99,12 @@ class FlowerFedCoLLM:
         if self.config.privacy.dpsgd_on or self.config.privacy.ddp_on:
             raise ConfigError("privacy (DP-SGD / distributed DP) is not wired into the Flower "
                               "transport yet; run it in process")
-        if self.config.aggregator == "ckks":
-            raise ConfigError("ckks over Flower needs its key authority as a separate node or "
-                              "process; that role is not wired into the Flower transport yet "
-                              "(running it inside the ServerApp would hand the aggregator the "
-                              "secret key)")
         self.out = Path(self.settings.output_dir) if self.settings.output_dir else None
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
         self.parts = ServerParts(self.config)
         self.history: list[dict[str, Any]] = []
+        self.authorities: dict[int, str] = {}  # node id -> key authority public key hex
 
     # --- output ------------------------------------------------------------------------------
     def _event(self, **fields: Any) -> None:
@@ -140,10 +153,14 @@ class FlowerFedCoLLM:
                                self.settings.poll_interval)
         admitted: dict[str, int] = {}
         reports: dict[str, dict[str, Any]] = {}
+        self.authorities = {}
         for node, msg in sorted(got.items()):
             rec = record_of(msg)
             if rec is None:
                 missing[node] = "reply without a record"
+                continue
+            if rec.get(F_ROLE) == ROLE_KEY_AUTHORITY:
+                self.authorities[node] = str(rec.get(F_AUTHORITY_KEY))
                 continue
             cid, weight = rec.get(F_CLIENT_ID), rec.get(F_WEIGHT)
             if (not isinstance(cid, str) or not cid or not isinstance(weight, float)
@@ -154,7 +171,8 @@ class FlowerFedCoLLM:
             admitted[cid] = node
             reports[cid] = {"node": node, "weight": weight, "n_examples": rec.get(F_N_EXAMPLES),
                             "loss": rec.get(F_LOSS), "steps": rec.get(F_STEPS),
-                            "clipped": rec.get(F_CLIPPED)}
+                            "clipped": rec.get(F_CLIPPED),
+                            "identity_key": rec.get(F_IDENTITY_KEY)}
         return admitted, reports, missing
 
     def run_round(self, grid: Grid, t: int) -> dict[str, Any]:
@@ -182,19 +200,27 @@ class FlowerFedCoLLM:
         if weighted and cfg.aggregator == "masking" and "max_weight" not in options and reports:
             options["max_weight"] = max(max(r["weight"] for r in reports.values()), 1e-12)
             fields[F_MAX_WEIGHT] = float(options["max_weight"])
-        aggregator = get_aggregator(cfg.aggregator, **options)
         session = default_random().bytes(16)
         fields[F_SESSION] = session
         spec = TensorSpec.of(theta_np)
-        workflow = aggregator.server(sorted(admitted), spec, threshold=cfg.threshold,
-                                     weighted=weighted, session=session, round_=t)
         channel = FlowerChannel(grid, admitted, round_=t, timeout=settings.timeout,
                                 fields=fields, poll_interval=settings.poll_interval)
+        ckks_view: dict[str, Any] = {}
+        workflow: ServerWorkflow
+        if cfg.aggregator == "ckks":
+            workflow = self._ckks_workflow(channel, reports, options, spec, session, t,
+                                           ckks_view)
+        else:  # the in-process aggregator's workflow (for ckks it would hold the authority)
+            aggregator = get_aggregator(cfg.aggregator, **options)
+            workflow = aggregator.server(sorted(admitted), spec, threshold=cfg.threshold,
+                                         weighted=weighted, session=session, round_=t)
 
         def progress(stage: str, sent: int, received: int) -> None:
             self._event(event="stage", round=t, stage=stage, sent=sent, received=received)
 
         result = drive(workflow, channel, progress)
+        if isinstance(workflow, CKKSServer):
+            ckks_view.update(self._ckks_record(t, workflow, ckks_view.pop("context_message")))
         if not result.weight_total > 0:
             raise ConfigError("the surviving clients' weights sum to zero")
         shapes = {n: tuple(v.shape) for n, v in theta_t.items()}
@@ -233,10 +259,61 @@ class FlowerFedCoLLM:
                         "mean_llm_loss": distilled.mean_llm_loss},
             "eval": evaluation,
         }
+        if ckks_view:
+            record["ckks"] = ckks_view
         self._save_round(t, result, record)
         self._event(event="round", round=t, survivors=len(result.survivors),
                     dropped=dict(result.dropped), late_dropouts=record["late_dropouts"])
         return record
+
+
+    # --- ckks: the key authority is another node --------------------------------------------
+    def _ckks_workflow(self, channel: FlowerChannel, reports: dict[str, dict[str, Any]],
+                       options: dict[str, Any], spec: TensorSpec, session: bytes, t: int,
+                       view: dict[str, Any]) -> CKKSServer:
+        """The aggregator's :class:`CKKSServer`, its authority a relayed link to the
+        key-authority node; ``view`` receives the authority's first (public context) reply."""
+        if len(self.authorities) != 1:
+            raise ConfigError(f"ckks on Flower needs exactly one node with node config "
+                              f"fedcollm-role={ROLE_KEY_AUTHORITY!r} answering 'train'; "
+                              f"{len(self.authorities)} did")
+        (node, key_hex), = self.authorities.items()
+        authority_key = parse_key(key_hex, "the key authority's announced key")
+        config = CKKSConfig.from_dict(options)
+        client_keys: dict[str, VerifyKey] = {}
+        if config.sign:
+            client_keys = {cid: parse_key(r.get("identity_key"), f"identity key of {cid!r}")
+                           for cid, r in reports.items()}
+        channel.fields[F_AUTHORITY_KEY] = key_hex  # announced to the clients (trust.py)
+        send = channel.link(node, stage_message_type(AUTHORITY_STAGE), AUTHORITY_STAGE, {
+            F_CLIENT_KEYS: json.dumps({c: k.raw.hex() for c, k in sorted(client_keys.items())},
+                                      sort_keys=True)})
+
+        def relay(request: bytes) -> bytes:
+            reply = send(request)
+            view.setdefault("context_message", reply)  # the first reply: the public context
+            return reply
+
+        view.update({"authority_node": node, "authority_key": key_hex})
+        return CKKSServer(sorted(reports), spec, authority=relay, authority_key=authority_key,
+                          config=config, threshold=self.config.threshold,
+                          client_keys=client_keys, session=session, round_=t)
+
+    def _ckks_record(self, t: int, workflow: CKKSServer, context_message: bytes,
+                     ) -> dict[str, Any]:
+        """What the aggregator held: the public context only (and the authority's message)."""
+        ctx = workflow.ctx
+        if ctx is None or ctx.has_secret_key() or ctx.is_private():
+            raise ConfigError("the aggregator holds a CKKS context with a secret key")
+        if self.out is not None:
+            d = self.out / f"round-{t}"
+            d.mkdir(exist_ok=True)
+            (d / "ckks_context.msg").write_bytes(context_message)
+        return {"context_digest": workflow.context_digest.hex(),
+                "aggregator_context": {"has_secret_key": bool(ctx.has_secret_key()),
+                                       "is_private": bool(ctx.is_private()),
+                                       "has_galois_keys": bool(ctx.has_galois_keys())},
+                "authority_seconds": dict(workflow.authority_seconds)}
 
 
 @app.main()
