@@ -77,6 +77,7 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
         missing = set(ids) - set(identities.clients)
         if missing:
             raise ConfigError(f"no identity for clients {sorted(missing)}")
+        aggregator.adopt_identities(identities)
         if aggregator.supports_identities:
             bound = {"allow_list": identities.allow_list}
     clients: dict[str, ClientEndpoint] = {

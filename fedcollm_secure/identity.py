@@ -173,13 +173,16 @@ class Identities:
     clients: Mapping[str, Identity]
     server: Identity
     allow_list: AllowList
+    key_authority: Identity | None = None  # the CKKS key authority's, when it takes part
 
     @classmethod
-    def generate(cls, client_ids: Iterable[str],
-                 rng: RandomSource | None = None) -> Identities:
+    def generate(cls, client_ids: Iterable[str], rng: RandomSource | None = None, *,
+                 key_authority: bool = False) -> Identities:
         clients = {cid: Identity.generate(cid, rng) for cid in client_ids}
         server = Identity.generate(SERVER_NAME, rng)
-        return cls(clients, server, AllowList.of([*clients.values(), server]))
+        authority = Identity.generate(KEY_AUTHORITY_NAME, rng) if key_authority else None
+        parties = [*clients.values(), server, *([authority] if authority else [])]
+        return cls(clients, server, AllowList.of(parties), authority)
 
     def __post_init__(self) -> None:
         for cid, ident in self.clients.items():
@@ -187,3 +190,5 @@ class Identities:
                 raise ConfigError(f"identity of client {cid!r} is named {ident.name!r}")
             self.allow_list.require(cid, ident.public_key)
         self.allow_list.require(self.server.name, self.server.public_key)
+        if self.key_authority is not None:
+            self.allow_list.require(self.key_authority.name, self.key_authority.public_key)

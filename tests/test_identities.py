@@ -238,3 +238,23 @@ def test_different_survivor_sets_shown_to_different_clients_yield_no_shares() ->
     result = run_checked(plan)
     assert "SignatureError" in result.stats["rejected"]["c0"]
     assert_exact(result)
+
+
+# --- ckks with long-term identities -------------------------------------------------------------
+def test_ckks_with_identities_uses_the_listed_key_authority() -> None:
+    idn = Identities.generate(IDS, rng(7), key_authority=True)
+    result = secure_sum(UPDATES, protocol="ckks", rng=rng(), identities=idn)
+    expected = sum(UPDATES[c]["w"] for c in IDS)
+    np.testing.assert_allclose(result.sum["w"], expected, atol=result.stats["params"]["error_bound"])
+    assert result.survivors == IDS
+
+
+def test_ckks_refuses_a_key_authority_that_is_not_the_listed_one() -> None:
+    from fedcollm_secure.secagg import get_aggregator
+    from fedcollm_secure.secagg.tensors import TensorSpec
+
+    idn = Identities.generate(IDS, rng(7), key_authority=True)
+    aggregator = get_aggregator("ckks")  # its own authority key, not the listed one
+    with pytest.raises(SignatureError):
+        aggregator.server(IDS, TensorSpec.of(UPDATES["c0"]), rng=rng(),
+                          allow_list=idn.allow_list)

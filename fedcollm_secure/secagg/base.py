@@ -14,13 +14,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
 from ..crypto.randomness import RandomSource
 from ..errors import AggregatorNotFoundError, ConfigError
 from .tensors import TensorSpec, Update
+
+if TYPE_CHECKING:
+    from ..identity import Identities
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,11 @@ class Aggregator(ABC):
         """The server workflow for one round over ``client_ids``."""
 
     supports_identities: ClassVar[bool] = False  # client()/server() take identity arguments
+
+    def adopt_identities(self, identities: Identities) -> None:
+        """Hand long-term identities to parties the aggregator creates itself (e.g. a key
+        authority). Called before any client or server is built; nothing to do by default."""
+        return None
 
     def active_stages(self, identities: bool = False) -> tuple[str, ...]:
         """The stages a round runs (with long-term identities configured, if ``identities``)."""

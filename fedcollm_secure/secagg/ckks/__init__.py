@@ -14,6 +14,7 @@ from ...crypto.randomness import RandomSource, default_random
 from ...crypto.signatures import SigningKey, VerifyKey, generate_signing_key
 from ..base import Aggregator, register_aggregator
 from ..tensors import TensorSpec, Update
+from ...identity import KEY_AUTHORITY_NAME, AllowList, Identities, Identity
 from .authority import DecryptionRecord, KeyAuthority
 from .client import CKKSClient
 from .messages import STAGES
@@ -35,6 +36,7 @@ class CKKSAggregator(Aggregator):
     name: ClassVar[str] = "ckks"
     secure: ClassVar[bool] = True
     stages: ClassVar[tuple[str, ...]] = STAGES
+    supports_identities: ClassVar[bool] = True
 
     def __init__(self, *, authority: KeyAuthority | None = None, **options: Any) -> None:
         super().__init__(**options)
@@ -51,25 +53,49 @@ class CKKSAggregator(Aggregator):
         self.authority.enroll(client_id, key)
         self.client_keys[client_id] = key
 
+    def adopt_identities(self, identities: Identities) -> None:
+        """The key authority signs with the identities' ``key-authority`` key, if any."""
+        if identities.key_authority is not None:
+            self.authority = KeyAuthority(self.config, signing_key=identities.key_authority.key)
+
+    def _listed_authority_key(self, allow_list: AllowList | None) -> VerifyKey:
+        """The key authority's key: the allow-listed one when identities list the authority
+        (and then the authority must hold it), else the in-process authority's own."""
+        if allow_list is None or KEY_AUTHORITY_NAME not in allow_list.parties:
+            return self.authority.verify_key
+        allow_list.require(KEY_AUTHORITY_NAME, self.authority.verify_key.raw)
+        return allow_list.verify_key(KEY_AUTHORITY_NAME)
+
     def client(self, client_id: str, update: Update, *, weight: float = 1.0,
                rng: RandomSource | None = None, session: bytes | None = None,
-               round_: int | None = None) -> CKKSClient:
-        identity = None
+               round_: int | None = None, identity: Identity | None = None,
+               allow_list: AllowList | None = None) -> CKKSClient:
+        """With a long-term ``identity`` (and the ``allow_list``), the client signs with it
+        and only an allow-listed key authority is trusted."""
+        authority_key = self._listed_authority_key(allow_list)
+        if identity is not None:
+            if allow_list is not None:
+                allow_list.require(client_id, identity.public_key)
+            self.enroll(client_id, identity.key.verify_key)
+            self.identities[client_id] = identity.key
+        signer = None
         if self.config.sign:
-            identity = self.identities.get(client_id)
-            if identity is None:
-                identity = generate_signing_key(rng or default_random())
-                self.enroll(client_id, identity.verify_key)
-                self.identities[client_id] = identity
+            signer = self.identities.get(client_id)
+            if signer is None:
+                signer = generate_signing_key(rng or default_random())
+                self.enroll(client_id, signer.verify_key)
+                self.identities[client_id] = signer
         return CKKSClient(client_id, update, weight=weight, config=self.config,
-                          authority_key=self.authority.verify_key, identity=identity,
+                          authority_key=authority_key, identity=signer,
                           session=session, round_=round_)
 
     def server(self, client_ids: Sequence[str], spec: TensorSpec, *, threshold: int | None = None,
                weighted: bool = False, rng: RandomSource | None = None,
-               session: bytes | None = None, round_: int = 0) -> CKKSServer:
+               session: bytes | None = None, round_: int = 0,
+               allow_list: AllowList | None = None) -> CKKSServer:
         return CKKSServer(client_ids, spec, authority=self.authority.handle,
-                          authority_key=self.authority.verify_key, config=self.config,
+                          authority_key=self._listed_authority_key(allow_list),
+                          config=self.config,
                           threshold=threshold, client_keys=self.client_keys,
                           session=session if session is not None else
                           (rng or default_random()).bytes(16), round_=round_)
