@@ -6,35 +6,24 @@ import pytest
 import torch
 
 from fedcollm_secure.cotuning.data import generated_mc_dataset, tokenize_examples
-from fedcollm_secure.cotuning.lora import LoraSettings, adapter_state, apply_delta, attach_lora
-from fedcollm_secure.cotuning.models import load_model, save_tiny_model
+from fedcollm_secure.cotuning.lora import adapter_state, apply_delta
 from fedcollm_secure.cotuning.trainer import (
-    TrainSettings, answer_loss, batches, client_update, train_lora,
+    TrainSettings, client_update, train_lora,
 )
-from fedcollm_secure.cotuning.data import CausalLMCollator
 from fedcollm_secure.errors import ConfigError
 
+
+from lora_helpers import mean_answer_loss, peft_tiny, save_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=3,
-                           hidden=48, layers=2)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
-def _peft(tiny_dir: Path) -> tuple[object, object]:
-    model, tok = load_model(str(tiny_dir))
-    return attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)), tok
-
-
-def _mean_loss(model: object, features: list, tok: object) -> float:
-    collate = CausalLMCollator(tok.pad_token_id)  # type: ignore[attr-defined]
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        losses = [float(answer_loss(model, b)) for b in batches(features, 16, collate, gen)]
-    return sum(losses) / len(losses)
+_peft, _mean_loss = peft_tiny, mean_answer_loss
 
 
 def test_training_lowers_the_answer_loss_on_a_learnable_task(tiny_dir: Path) -> None:
