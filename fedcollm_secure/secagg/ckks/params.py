@@ -115,6 +115,11 @@ PRESETS: dict[str, CKKSParams] = {
     "n8192": CKKSParams("n8192", 8192, (60, 40, 60), 40),
     # 8192 slots; 160 of 438 bits: a much larger security margin, same wire cost per value.
     "n16384": CKKSParams("n16384", 16384, (60, 40, 60), 40),
+    # For sums only (what aggregation needs): one 60-bit data prime and the special prime,
+    # 120 of 218 bits. Same scale, headroom and precision as n8192 and the same bytes on the
+    # wire, but clients encrypt straight at the lowest level: no middle prime to drop, and
+    # about 1.8x faster encryption (see benchmarks/secagg).
+    "n8192-sum": CKKSParams("n8192-sum", 8192, (60, 60), 40),
 }
 for _p in PRESETS.values():
     _p.validate()
@@ -124,7 +129,7 @@ for _p in PRESETS.values():
 class CKKSConfig(ConfigBase):
     """User-facing options of ``ckks`` (all optional).
 
-    preset: ``n8192`` (default) or ``n16384``; ``poly_modulus_degree``,
+    preset: ``n8192`` (default), ``n16384``, or ``n8192-sum`` (one data prime: fastest); ``poly_modulus_degree``,
     ``coeff_mod_bit_sizes`` and ``scale_bits`` override it (validated: unsafe combinations
     are refused). min_threshold: the key authority never decrypts an aggregate of fewer
     distinct contributors. max_abs_value: the largest weighted value a client may send
