@@ -28,15 +28,18 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from ..cotuning.data import CausalLMCollator, pad_token_id_of
 from ..cotuning.models import logits_at
 from ..cotuning.trainer import TrainResult, TrainSettings, _schedule
+from ..crypto.prg import SEED_SIZE, KeystreamWords
 from ..crypto.randomness import RandomSource, default_random
 from ..errors import ConfigError
 
-__all__ = ["DPTrainResult", "per_example_answer_loss", "planned_steps", "poisson_sample",
-           "sample_rate", "train_lora_dp"]
+__all__ = ["CSPRNGNoiseDPOptimizer", "DPTrainResult", "gaussian_noise",
+           "per_example_answer_loss", "planned_steps", "poisson_sample", "sample_rate",
+           "train_lora_dp"]
 
 Features = Sequence[Mapping[str, Sequence[int]]]
 
@@ -87,8 +90,44 @@ def per_example_answer_loss(model: Any, batch: Mapping[str, torch.Tensor]
     return per_example.sum(), per_example.detach()
 
 
-def _noise_generator(rng: RandomSource) -> torch.Generator:
-    return torch.Generator().manual_seed(int.from_bytes(rng.bytes(8), "little") >> 1)
+def gaussian_noise(shape: tuple[int, ...], std: float, rng: RandomSource) -> torch.Tensor:
+    """Gaussian noise of standard deviation ``std`` driven by the CSPRNG ``rng``.
+
+    Uniforms with 53 random bits come from the ChaCha20 keystream of a fresh 32-byte seed
+    drawn from ``rng``; Box-Muller turns pairs into normals (float64). As Opacus's
+    ``secure_mode`` does against floating-point attacks (Holohan and Braghin 2021), each value
+    is the sum of 4 normals divided by 2 (same variance)."""
+    n = math.prod(shape)
+    if std == 0 or n == 0:
+        return torch.zeros(shape)
+    draws = 4 * n
+    pairs = (draws + 1) // 2
+    words = KeystreamWords(rng.bytes(SEED_SIZE)).next(4 * pairs).astype(np.uint64)
+    bits = (words[0::2] << np.uint64(21)) ^ (words[1::2] >> np.uint64(11))  # 53 bits each
+    u = bits.astype(np.float64) * 2.0 ** -53
+    u1, u2 = 1.0 - u[:pairs], u[pairs:]  # u1 in (0, 1]
+    radius = np.sqrt(-2.0 * np.log(u1))
+    normals = np.concatenate([radius * np.cos(2 * np.pi * u2),
+                              radius * np.sin(2 * np.pi * u2)])[:draws]
+    noise = normals.reshape(4, n).sum(axis=0) / 2.0 * std
+    return torch.from_numpy(noise.reshape(shape))
+
+
+class CSPRNGNoiseDPOptimizer(DPOptimizer):  # type: ignore[misc]
+    """Opacus's DP optimizer with its Gaussian noise drawn from our CSPRNG
+    (:func:`gaussian_noise`) instead of torch's pseudo-random generator."""
+
+    def __init__(self, *args: Any, rng: RandomSource, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise_rng = rng
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = gaussian_noise(tuple(p.summed_grad.shape), std, self.noise_rng)
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 def train_lora_dp(model: Any, tokenizer: Any, features: Features, settings: TrainSettings, *,
@@ -121,9 +160,10 @@ def train_lora_dp(model: Any, tokenizer: Any, features: Features, settings: Trai
                            max_grad_norm=max_grad_norm)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
     try:
-        optimizer = DPOptimizer(base, noise_multiplier=noise_multiplier,
-                                max_grad_norm=max_grad_norm, expected_batch_size=expected,
-                                loss_reduction="mean", generator=_noise_generator(rng))
+        optimizer = CSPRNGNoiseDPOptimizer(base, noise_multiplier=noise_multiplier,
+                                           max_grad_norm=max_grad_norm,
+                                           expected_batch_size=expected,
+                                           loss_reduction="mean", rng=rng)
         start = time.perf_counter()
         model.train()
         with warnings.catch_warnings():  # LoRA inputs need no gradient: harmless
