@@ -94,22 +94,26 @@ def gaussian_noise(shape: tuple[int, ...], std: float, rng: RandomSource) -> tor
     """Gaussian noise of standard deviation ``std`` driven by the CSPRNG ``rng``.
 
     Uniforms with 53 random bits come from the ChaCha20 keystream of a fresh 32-byte seed
-    drawn from ``rng``; Box-Muller turns pairs into normals (float64). As Opacus's
-    ``secure_mode`` does against floating-point attacks (Holohan and Braghin 2021), each value
-    is the sum of 4 normals divided by 2 (same variance)."""
+    drawn from ``rng``; Box-Muller turns pairs into normals (radius in float64, angle in
+    float32: the noise is added to float32 gradients). As Opacus's ``secure_mode`` does
+    against floating-point attacks (Holohan and Braghin 2021), each value is the sum of 4
+    normals divided by 2 (same variance)."""
     n = math.prod(shape)
     if std == 0 or n == 0:
         return torch.zeros(shape)
-    draws = 4 * n
-    pairs = (draws + 1) // 2
-    words = KeystreamWords(rng.bytes(SEED_SIZE)).next(4 * pairs).astype(np.uint64)
-    bits = (words[0::2] << np.uint64(21)) ^ (words[1::2] >> np.uint64(11))  # 53 bits each
-    u = bits.astype(np.float64) * 2.0 ** -53
-    u1, u2 = 1.0 - u[:pairs], u[pairs:]  # u1 in (0, 1]
-    radius = np.sqrt(-2.0 * np.log(u1))
-    normals = np.concatenate([radius * np.cos(2 * np.pi * u2),
-                              radius * np.sin(2 * np.pi * u2)])[:draws]
-    noise = normals.reshape(4, n).sum(axis=0) / 2.0 * std
+    pairs = 2 * n  # 4 normals per value
+    words = KeystreamWords(rng.bytes(SEED_SIZE)).next(4 * pairs)
+    u = (words.view("<u8") >> np.uint64(11)).astype(np.float64)
+    u *= 2.0 ** -53  # uniform on [0, 1) in steps of 2^-53
+    radius = np.log1p(-u[:pairs])  # log(u1) with u1 = 1 - u in (0, 1]
+    radius *= -2.0
+    np.sqrt(radius, out=radius)
+    angle = (u[pairs:] * (2 * np.pi)).astype(np.float32)
+    normals = np.empty(2 * pairs)
+    np.multiply(radius, np.cos(angle), out=normals[:pairs])
+    np.multiply(radius, np.sin(angle), out=normals[pairs:])
+    noise = normals.reshape(4, n).sum(axis=0)
+    noise *= std / 2.0
     return torch.from_numpy(noise.reshape(shape))
 
 
