@@ -245,7 +245,8 @@ def test_ckks_with_identities_uses_the_listed_key_authority() -> None:
     idn = Identities.generate(IDS, rng(7), key_authority=True)
     result = secure_sum(UPDATES, protocol="ckks", rng=rng(), identities=idn)
     expected = sum(UPDATES[c]["w"] for c in IDS)
-    np.testing.assert_allclose(result.sum["w"], expected, atol=result.stats["params"]["error_bound"])
+    bound = result.stats["params"]["error_bound"]
+    np.testing.assert_allclose(result.sum["w"], expected, atol=bound)
     assert result.survivors == IDS
 
 

@@ -129,13 +129,13 @@ for _p in PRESETS.values():
 class CKKSConfig(ConfigBase):
     """User-facing options of ``ckks`` (all optional).
 
-    preset: ``n8192`` (default), ``n16384``, or ``n8192-sum`` (one data prime: fastest); ``poly_modulus_degree``,
-    ``coeff_mod_bit_sizes`` and ``scale_bits`` override it (validated: unsafe combinations
-    are refused). min_threshold: the key authority never decrypts an aggregate of fewer
-    distinct contributors. max_abs_value: the largest weighted value a client may send
-    (default: the headroom split evenly between the round's clients). sign: clients sign
-    their ciphertexts and contribution receipts with enrolled Ed25519 identity keys, and the
-    aggregator and key authority verify them. n_threads: TenSEAL threads per party.
+    preset: ``n8192`` (default), ``n16384``, or ``n8192-sum`` (one data prime: fastest);
+    ``poly_modulus_degree``, ``coeff_mod_bit_sizes`` and ``scale_bits`` override it (validated:
+    unsafe combinations are refused). min_threshold: the key authority never decrypts an
+    aggregate of fewer distinct contributors. max_abs_value: the largest weighted value a client
+    may send (default: the headroom split evenly between the round's clients). sign: clients
+    sign their ciphertexts and contribution receipts with enrolled Ed25519 identity keys, and
+    the aggregator and key authority verify them. n_threads: TenSEAL threads per party.
     """
 
     section: ClassVar[str] = "ckks"
