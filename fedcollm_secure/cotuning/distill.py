@@ -59,7 +59,11 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0)
     with torch.no_grad():
         vocab = teacher_logits.shape[-1]
         k = vocab if k <= 0 else min(k, vocab)
-        values, indices = torch.topk(teacher_logits.float(), k, dim=-1)
+        if k == vocab:  # the whole distribution: no sort needed (a full topk is ~9x slower)
+            values = teacher_logits.float()
+            indices = torch.arange(vocab, device=values.device).expand(values.shape[0], vocab)
+        else:
+            values, indices = torch.topk(teacher_logits.float(), k, dim=-1)
         probs = torch.softmax(values / temperature, dim=-1)  # renormalised over the top-k
     return TopK(probs=probs, indices=indices)
 
