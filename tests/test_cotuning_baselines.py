@@ -273,3 +273,98 @@ def test_run_all_gives_comparable_results_from_the_same_start(
         run_all(_config(dirs), names=("nope",))
     with pytest.raises(ConfigError, match="unknown baseline"):
         run_baseline("nope", _config(dirs))
+
+
+# --------------------------------------------------------------------------------------------
+# different tokenizers, seeding, evaluator hook
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cross_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from fedcollm_secure.cotuning.models import tiny_sentencepiece_tokenizer, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("baselines-cross")
+    llm = save_tiny_model(root / "llm", "llama", seed=3, hidden=48, layers=1,
+                          tokenizer=tiny_sentencepiece_tokenizer())
+    slm = save_tiny_model(root / "slm", "llama", seed=4, hidden=32, layers=1,
+                          tokenizer=tiny_tokenizer())
+    return llm, slm
+
+
+def test_centralized_trains_the_llm_on_its_own_tokens(cross_dirs: tuple[Path, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedcollm_secure.cotuning.data import tokenize_examples
+
+    calls: list[tuple[Any, Any, list[list[int]]]] = []
+    real = baselines_mod.train_lora
+
+    def recording(model: Any, tok: Any, features: Any, settings: Any, **kwargs: Any) -> Any:
+        calls.append((model, tok, [list(f["input_ids"]) for f in features]))
+        return real(model, tok, features, settings, **kwargs)
+
+    monkeypatch.setattr(baselines_mod, "train_lora", recording)
+    config = _config(cross_dirs, data={"limit": 24, "eval_limit": 0, "client_eval_limit": 0,
+                                       "max_length": 64})
+    result = run_baseline("centralized", config)
+    assert len(calls) == 1
+    model, tok, ids = calls[0]
+    assert result["history"][0]["examples"] == len(ids)
+    assert len(tok) != len(_slm_tokenizer(cross_dirs))  # two real vocabularies
+    assert tok.convert_ids_to_tokens(1) == "<bos>"  # the LLM's (sentencepiece) tokenizer
+    # the features are the LLM's tokenisation of every client example and the public data
+    from fedcollm_secure.cotuning.models import load_tokenizer
+    llm_tok = load_tokenizer(str(cross_dirs[0]))
+    run = FedCoLLM(config)
+    expected = [list(f["input_ids"]) for d in [*run.client_data, run.public_data]
+                for f in tokenize_examples(d, llm_tok, 64)]
+    assert ids == expected
+    assert ids != [list(f["input_ids"]) for fs in [*run.client_features, run.public_features]
+                   for f in fs]  # not the SLM's tokens (the old behaviour)
+    assert math.isfinite(result["history"][0]["mean_loss"])
+
+
+def _slm_tokenizer(dirs: tuple[Path, Path]) -> Any:
+    from fedcollm_secure.cotuning.models import load_tokenizer
+
+    return load_tokenizer(str(dirs[1]))
+
+
+def test_same_seed_same_run_other_seed_other_run(dirs: tuple[Path, Path]) -> None:
+    """LoRA initialisation and dropout follow config.seed: two runs with one seed end with
+    identical adapters; another seed starts and ends elsewhere; the caller's RNG is kept."""
+    lora = {"r": 4, "alpha": 8, "dropout": 0.3}
+
+    def run_once(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        run = FedCoLLM(_config(dirs, lora=lora, seed=seed, rounds=1))
+        start = adapter_state(run.llm)
+        _, _ = baselines_mod._standalone(run, lambda r, states: {"states": states})
+        return start, run.global_state
+
+    torch.manual_seed(1234)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1234)
+    a, b, c = run_once(0), run_once(0), run_once(1)
+    assert torch.equal(torch.rand(3), expected_next)  # the global generator is untouched
+    assert _max_diff(a[0], b[0]) == 0 and _max_diff(a[0], c[0]) > 0
+    assert any(float(v.abs().max()) > 0 for v in a[0].values())  # lora_A is random
+
+
+def test_standalone_states_are_reproducible_and_the_evaluator_sees_them(
+        dirs: tuple[Path, Path]) -> None:
+    lora = {"r": 4, "alpha": 8, "dropout": 0.3}
+    seen: list[dict[str, dict[str, torch.Tensor]] | None] = []
+
+    def evaluator(run: FedCoLLM, states: Any) -> dict[str, Any]:
+        seen.append(None if states is None else {
+            cid: {n: v.clone() for n, v in s.items()} for cid, s in states.items()})
+        return {}
+
+    for seed in (0, 0, 5):
+        run_baseline("standalone", _config(dirs, lora=lora, seed=seed), evaluator=evaluator)
+    run_baseline("zero_shot", _config(dirs), evaluator=evaluator)
+    assert len(seen) == 4 and seen[3] is None
+    first, again, other = seen[0], seen[1], seen[2]
+    assert first is not None and again is not None and other is not None
+    assert set(first) == {"client-0", "client-1"}
+    for cid in first:
+        assert _max_diff(first[cid], again[cid]) == 0
+        assert _max_diff(first[cid], other[cid]) > 1e-6

@@ -36,11 +36,12 @@ task counts; ``"per_client_mean"`` is the unweighted mean over clients.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -79,7 +80,7 @@ from .models import ModelSpec, derive_slm_by_pruning, load_model, same_tokenizer
 from .server import DistillResult, PublicSet, aggregate_deltas, mutual_distill, prepare_public
 from .trainer import TrainSettings, client_update
 
-__all__ = ["DEFAULT_MASKING_CLIP", "DataSettings", "FedCoLLM", "FedCoLLMConfig"]
+__all__ = ["DEFAULT_MASKING_CLIP", "DataSettings", "FedCoLLM", "FedCoLLMConfig", "seeded_torch"]
 
 DEFAULT_MASKING_CLIP = 1.0
 """Elementwise clip of the LoRA deltas under ``masking`` unless the options name one."""
@@ -132,12 +133,12 @@ class FedCoLLMConfig(ConfigBase):
     R), ``distill`` the loss. ``aggregator`` is any registered aggregator; its options go in
     ``aggregator_options`` (``masking`` gets ``clip = 1.0`` unless given). ``weighting``
     ``examples`` weighs each client's delta by its number of training examples (FedAvg).
-    ``seed`` fixes data splits and example orders (experiments; aggregation randomness
-    always comes from the OS CSPRNG). ``mode`` ``fedavg`` switches the mutual distillation
-    off (the FedAvg baseline through the same rounds). ``max_update_norm`` bounds the L2 norm
-    of a client's delta: a delta over it, or with wrong names, shapes, dtypes or non-finite
-    values, is refused (:func:`.adapter_validation.validate_adapter`) and the round goes on
-    without it.
+    ``seed`` fixes data splits, example orders, LoRA initialisation and dropout masks
+    (experiments; aggregation and DP randomness always come from the OS CSPRNG). ``mode``
+    ``fedavg`` switches the mutual distillation off (the FedAvg baseline through the same
+    rounds). ``max_update_norm`` bounds the L2 norm of a client's delta: a delta over it, or
+    with wrong names, shapes, dtypes or non-finite values, is refused
+    (:func:`.adapter_validation.validate_adapter`) and the round goes on without it.
     """
 
     section: ClassVar[str] = "fedcollm"
@@ -202,6 +203,16 @@ def _seed(*parts: int) -> int:
                >> np.uint64(1))
 
 
+@contextlib.contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """Run the block with torch's global CPU generator seeded from ``seed`` (LoRA
+    initialisation, dropout masks), restoring the caller's generator state afterwards, so a
+    run is reproducible for its ``config.seed`` and leaves no trace on the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config")
 
@@ -235,15 +246,7 @@ class FedCoLLM:
         max_length, prompt = config.data.max_length, config.eval.prompt  # train as scored
         self.client_features = [tokenize_examples(d, self.tokenizer, max_length, prompt=prompt)
                                 for d in self.client_data]
-        self.public_features = tokenize_examples(self.public_data, self.tokenizer, max_length,
-                                                 prompt=prompt)
-        # different tokenizers (bridge) or the choice mode: public data for both models
-        self.public_set: PublicSet | None = None
-        if config.mode == "fedcollm" and (self.llm_tokenizer is not self.tokenizer
-                                          or config.distill.mode == "choice"):
-            self.public_set = prepare_public(self.public_data, self.llm_tokenizer,
-                                             self.tokenizer, config.distill,
-                                             max_length=max_length, prompt=prompt)
+        self.public_features, self.public_set = self._public_inputs()
         self.global_state = adapter_state(self.slm)
         self.history: list[dict[str, Any]] = []
         p = config.privacy  # privacy: one accountant per client across rounds (privacy/)
@@ -258,6 +261,20 @@ class FedCoLLM:
         self._audit: AuditLog | None = None
 
     # ---------------------------------------------------------------------------------------
+    def _public_inputs(self) -> tuple[list[dict[str, list[int]]], PublicSet | None]:
+        """The server's public data tokenized for the SLM and, when the models' tokenizers
+        differ or in the choice mode, prepared for both models (the bridge's input)."""
+        cfg = self.config
+        max_length, prompt = cfg.data.max_length, cfg.eval.prompt  # train as scored
+        features = tokenize_examples(self.public_data, self.tokenizer, max_length,
+                                     prompt=prompt)
+        public_set = None
+        if cfg.mode == "fedcollm" and (self.llm_tokenizer is not self.tokenizer
+                                       or cfg.distill.mode == "choice"):
+            public_set = prepare_public(self.public_data, self.llm_tokenizer, self.tokenizer,
+                                        cfg.distill, max_length=max_length, prompt=prompt)
+        return features, public_set
+
     def _models(self, llm: Any, slm: Any, tokenizer: Any, llm_tokenizer: Any,
                 ) -> tuple[Any, Any, Any, Any]:
         cfg = self.config
@@ -284,10 +301,11 @@ class FedCoLLM:
                 slm = derive_slm_by_pruning(llm, cfg.slm_prune_layers)
         if slm is llm:
             raise ConfigError("the LLM and the SLM must be different model objects")
-        if not _is_peft(llm):
-            llm = attach_lora(llm, cfg.lora)
-        if not _is_peft(slm):
-            slm = attach_lora(slm, cfg.lora)
+        with seeded_torch(_seed(cfg.seed, 0, -4)):  # LoRA A matrices: seeded by the run
+            if not _is_peft(llm):
+                llm = attach_lora(llm, cfg.lora)
+            if not _is_peft(slm):
+                slm = attach_lora(slm, cfg.lora)
         llm.eval()
         slm.eval()
         if same_tokenizer(llm_tok, slm_tok):  # one object: the exact same-tokenizer path
@@ -480,8 +498,10 @@ class FedCoLLM:
             if cid not in admitted:
                 continue
             dp = None if self.privacy is None else self.privacy.dpsgd_args(cid)
-            delta, result = client_update(self.slm, self.tokenizer, theta_t, features,
-                                          cfg.train, seed=_seed(cfg.seed, t, k), dp=dp)
+            with (contextlib.nullcontext() if dp is not None  # DP noise: its own CSPRNG
+                  else seeded_torch(_seed(cfg.seed, t, k, -5))):  # dropout masks
+                delta, result = client_update(self.slm, self.tokenizer, theta_t, features,
+                                              cfg.train, seed=_seed(cfg.seed, t, k), dp=dp)
             if self.privacy is not None:
                 self.privacy.record_training(t, cid, result.steps,
                                              getattr(result, "sample_rate", None),
@@ -521,9 +541,10 @@ class FedCoLLM:
         if cfg.mode == "fedcollm":
             phase("distill")
             public = self.public_set if self.public_set is not None else self.public_features
-            distilled = mutual_distill(self.llm, self.slm, self.tokenizer, public,
-                                       cfg.distill, cfg.distill_train,
-                                       seed=_seed(cfg.seed, t, -1))
+            with seeded_torch(_seed(cfg.seed, t, -1, -5)):
+                distilled = mutual_distill(self.llm, self.slm, self.tokenizer, public,
+                                           cfg.distill, cfg.distill_train,
+                                           seed=_seed(cfg.seed, t, -1))
         else:  # fedavg: theta_{t+1} = theta_t + mean delta
             distilled = DistillResult()
         self.global_state = adapter_state(self.slm)  # theta_{t+1}: the distilled adapter

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...cotuning.data import MCExample, tokenize_examples
+from ...cotuning.data import MCExample
 from ...cotuning.engine import FedCoLLM, FedCoLLMConfig, _seed
 from ...cotuning.lora import adapter_state
-from ...cotuning.server import DistillResult, mutual_distill, prepare_public
+from ...cotuning.server import DistillResult, mutual_distill
 
 __all__ = ["ServerParts", "load_split"]
 
@@ -44,16 +44,8 @@ class ServerParts(FedCoLLM):
             None, None, None, None)
         _, self.public_data, self.eval_data = self._data(None, None, None)
         self.client_data, self.client_ids, self.client_eval_data = [], [], []
-        max_length, prompt = config.data.max_length, config.eval.prompt
         self.client_features = []
-        self.public_features = tokenize_examples(self.public_data, self.tokenizer, max_length,
-                                                 prompt=prompt)
-        self.public_set = None
-        if config.mode == "fedcollm" and (self.llm_tokenizer is not self.tokenizer
-                                          or config.distill.mode == "choice"):
-            self.public_set = prepare_public(self.public_data, self.llm_tokenizer,
-                                             self.tokenizer, config.distill,
-                                             max_length=max_length, prompt=prompt)
+        self.public_features, self.public_set = self._public_inputs()
         self.global_state = adapter_state(self.slm)
         self.history: list[dict[str, Any]] = []
         self.privacy = None
