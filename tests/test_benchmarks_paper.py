@@ -128,12 +128,14 @@ def test_every_cell_runs_resumes_and_summarizes(paper: Any, world: dict[str, Any
     # the table: finished cells with their seeds, the others marked
     text = paper.summary_markdown(results, settings, {"tiny": world["rowsets"]["tiny"]})
     lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()
-             if line.startswith("| SLM") or line.startswith("| LLM")}
+             if line.startswith("| SLM |") or line.startswith("| LLM |")}
     assert len(lines) == 7
     assert "(det.)" in lines[("SLM", "zero-shot")] and "(n=1)" in lines[("LLM", "FedCoLLM")]
     fed = records["fedavg"]["rows"]["slm"]["overall"]["acc"] * 100
     assert f"{fed:.1f} (n=1)" in lines[("SLM", "FedAvg")]
     assert "Cells finished: 7 of 17" in text  # 2 zero-shot + 5 cells x 3 seeds
+    # paired comparisons on the same questions, from the stored predictions
+    assert "| SLM FedCoLLM vs FedAvg | 0 |" in text and "| LLM FedCoLLM vs zero-shot | 0 |" in text
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{paper.README_START}\nold\n{paper.README_END}\ntail\n")
     paper.write_readme(readme, text)
@@ -188,3 +190,10 @@ def test_select_cells_pruned_rowset_and_search(paper: Any, world: dict[str, Any]
         assert r["data"]["eval_split"] == "validation"
         assert r["rows"]["slm"]["overall"]["n"] == 2 * len(TASKS)
         assert all(i.split("-")[1] == "validation" for i in r["rows"]["slm"]["ids"])
+
+
+def test_mcnemar_counts_discordant_questions(paper: Any) -> None:
+    assert paper.mcnemar([True, True, False], [False, True, True]) == (1, 1, 1.0)
+    b, c, p = paper.mcnemar([True] * 10 + [False] * 5, [False] * 10 + [False] * 5)
+    assert (b, c) == (10, 0) and p == pytest.approx(2 / 1024)
+    assert paper.mcnemar([True], [True]) == (0, 0, 1.0)

@@ -551,6 +551,48 @@ def table(records: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+PAIRS = (("SLM FedCoLLM vs FedAvg", ("fedcollm", "slm"), ("fedavg", "slm")),
+         ("SLM FedCoLLM vs standalone", ("fedcollm", "slm"), ("standalone", "slm")),
+         ("SLM FedAvg vs zero-shot", ("fedavg", "slm"), ("zero_shot_slm", "slm")),
+         ("SLM FedCoLLM vs zero-shot", ("fedcollm", "slm"), ("zero_shot_slm", "slm")),
+         ("LLM FedCoLLM vs zero-shot", ("fedcollm_llm", "llm"), ("zero_shot_llm", "llm")),
+         ("LLM centralized vs zero-shot", ("centralized", "llm"), ("zero_shot_llm", "llm")))
+
+
+def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> tuple[int, int, float]:
+    """Questions only ``first`` / only ``second`` gets right, and the exact two-sided
+    McNemar p-value (binomial test on the discordant questions)."""
+    b = sum(1 for x, y in zip(first, second, strict=True) if x and not y)
+    c = sum(1 for x, y in zip(first, second, strict=True) if y and not x)
+    n, k = b + c, min(b, c)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return b, c, p
+
+
+def paired_markdown(records: Sequence[dict[str, Any]], answers: dict[str, int]) -> str:
+    """Per seed, paired comparisons on the same test questions (summed-score predictions)."""
+    by_key = {(r["method"], r["seed"]): r for r in records}
+    lines = ["| comparison | seed | acc A − acc B (points) | only A right | only B right | "
+             "McNemar p |", "|---|---|---|---|---|---|"]
+    for label, (ma, wa), (mb, wb) in PAIRS:
+        for (method, seed), rec in sorted(by_key.items()):
+            if method != ma or wa not in rec["rows"]:
+                continue
+            other = by_key.get((mb, seed)) or by_key.get((mb, 0)) if mb in SEEDLESS else \
+                by_key.get((mb, seed))
+            if other is None or wb not in other["rows"]:
+                continue
+            ra, rb = rec["rows"][wa], other["rows"][wb]
+            if ra["ids"] != rb["ids"]:
+                continue
+            right_a = [p == answers[i] for p, i in zip(ra["pred"], ra["ids"], strict=True)]
+            right_b = [p == answers[i] for p, i in zip(rb["pred"], rb["ids"], strict=True)]
+            b, c, pval = mcnemar(right_a, right_b)
+            diff = (sum(right_a) - sum(right_b)) / len(right_a) * 100
+            lines.append(f"| {label} | {seed} | {diff:+.1f} | {b} | {c} | {pval:.2g} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def summary_markdown(results: Path, settings: dict[str, Any],
                      rowsets: dict[str, dict[str, Any]] | None = None) -> str:
     table_rowsets = ROWSETS if rowsets is None else rowsets
@@ -564,6 +606,12 @@ def summary_markdown(results: Path, settings: dict[str, Any],
                      f"{len(all_cells([name]))}; test questions per cell: "
                      f"{', '.join(map(str, sorted(n_test))) or '–'}.\n")
         parts.append(table(records, settings["tasks"]) + "\n")
+        if records:
+            _, _, test = load_data(settings, 0)
+            paired = paired_markdown(records, {ex.id: ex.answer for ex in test})
+            if paired:
+                parts.append("Paired on the same test questions (acc, summed scores):\n")
+                parts.append(paired + "\n")
     return "\n".join(parts)
 
 
