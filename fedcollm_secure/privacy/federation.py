@@ -67,7 +67,8 @@ class PrivacyController:
                 if dp.noise_multiplier is not None:
                     sigma = dp.noise_multiplier
                 else:
-                    assert dp.target_epsilon is not None
+                    if dp.target_epsilon is None:
+                        raise ConfigError("dpsgd needs noise_multiplier or target_epsilon")
                     sigma = noise_for_epsilon(target_epsilon=dp.target_epsilon, sample_rate=q,
                                               steps=steps * rounds, delta=dp.delta,
                                               accountant=dp.accountant)
@@ -86,7 +87,8 @@ class PrivacyController:
                                                 rounds=rounds,
                                                 target_epsilon=ddp.target_epsilon)
             else:
-                assert ddp.noise_multiplier is not None
+                if ddp.noise_multiplier is None:
+                    raise ConfigError("ddp needs noise_multiplier or target_epsilon")
                 self.ddp = DDPParams.build(ddp, dim=dim, min_survivors=m, max_clients=n,
                                            noise_multiplier=ddp.noise_multiplier)
             self.ddp_target = ddp.target_epsilon
@@ -98,7 +100,8 @@ class PrivacyController:
 
     def _load_or_new(self, cid: str) -> ClientAccountant:
         dp = self.settings.dpsgd
-        assert dp is not None
+        if dp is None:
+            raise ConfigError("no dpsgd settings: client accountants are not used")
         path = self._state_path(cid)
         if path is not None and path.exists():
             acc = ClientAccountant.load(path)

@@ -243,7 +243,8 @@ class MaskingClient(ClientEndpoint):
         self.stages = stages_of(announced)
 
     def _accept_roster(self, f: Fields, n: int) -> dict[int, str]:
-        assert self.allow_list is not None
+        if self.allow_list is None:
+            raise PartyError("a roster is only checked with an allow-list")
         if not f.has(F_ROSTER):
             raise PartyError("identities are configured but the round announces no roster")
         roster = f.string_map(F_ROSTER, MAX_NODES)
