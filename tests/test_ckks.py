@@ -367,3 +367,32 @@ def test_client_refuses_a_weight_or_update_out_of_range() -> None:
     with pytest.raises(UpdateValidationError):
         CKKSAggregator().client("c1", updates()["c1"], weight=float("nan"))
     assert CKKSConfig().max_abs_for(4) == P.max_abs_sum / 8
+
+
+@pytest.mark.parametrize("preset", ["n8192", "n8192-sum"])
+def test_clients_encrypt_at_the_lowest_level_in_tenseals_own_format(preset: str) -> None:
+    params = PRESETS[preset]
+    ctx = he.new_secret_context(params)
+    public = he.load_public_context(he.public_context_bytes(ctx), params)
+    values = np.random.default_rng(3).uniform(-1, 1, params.slots + 5)
+    values[:3] = [0.0, 1.0, -1.0]
+    body = he.encrypt(public, params, values)
+    vec = he.load_vector(public, params, body, values.size)  # checks level, size, scale
+    low = ctx.seal_context().data.last_parms_id()
+    assert all(tuple(ct.parms_id()) == tuple(low) for ct in vec.ciphertext())
+    assert vec.serialize() == body  # what TenSEAL itself writes for these ciphertexts
+    decrypted = he.decrypt(ctx, ts.ckks_vector_from(ctx, body))
+    assert decrypted.shape == values.shape
+    assert np.max(np.abs(decrypted - values)) < params.error_per_contribution
+    assert he.encrypt(public, params, values) != body  # fresh randomness every time
+
+
+def test_encryption_works_without_anonymous_memory_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    params = PRESETS["n8192"]
+    ctx = he.new_secret_context(params)
+    values = np.linspace(-1, 1, 100)
+    body = he.encrypt(ctx, params, values)
+    out = he.decrypt(ctx, he.load_vector(ctx, params, body, values.size))
+    assert np.max(np.abs(out - values)) < params.error_per_contribution

@@ -29,10 +29,10 @@ MIN_HEADROOM_BITS = 9  # the first prime must leave at least this many bits abov
 class CKKSParams:
     """Concrete CKKS parameters.
 
-    The chain is ``[q0, q1 .. q_{L}, special]``: clients encrypt at the level ``[q0 .. q_L]``
-    and drop ``q_L .. q1`` before sending, so a ciphertext on the wire holds two polynomials
-    modulo ``q0`` only. A value ``m`` is held as ``round(m * 2^scale_bits)`` modulo ``q0``:
-    an aggregate must stay below ``2^headroom_bits`` in magnitude.
+    The chain is ``[q0, q1 .. q_{L}, special]``: clients encrypt at the lowest level, so a
+    ciphertext on the wire holds two polynomials modulo ``q0`` only. A value ``m`` is held as
+    ``round(m * 2^scale_bits)`` modulo ``q0``: an aggregate must stay below
+    ``2^headroom_bits`` in magnitude.
     """
 
     name: str
@@ -92,8 +92,8 @@ class CKKSParams:
                 f"ckks: the first prime ({bits[0]} bits) must exceed scale_bits ({scale}) by "
                 f"at least {MIN_HEADROOM_BITS + 1} bits, or sums overflow")
         require(all(b == scale for b in bits[1:-1]),
-                "ckks: the middle primes must have exactly scale_bits bits (they are dropped "
-                "before sending by an exact rescale)")
+                "ckks: the middle primes must have exactly scale_bits bits (so that a client "
+                "may also reach the lowest level by an exact rescale, SPEC section 3.2)")
         require(bits[-1] >= max(bits[:-1]),
                 "ckks: the special (last) prime must be at least as large as every other prime")
 
@@ -116,9 +116,8 @@ PRESETS: dict[str, CKKSParams] = {
     # 8192 slots; 160 of 438 bits: a much larger security margin, same wire cost per value.
     "n16384": CKKSParams("n16384", 16384, (60, 40, 60), 40),
     # For sums only (what aggregation needs): one 60-bit data prime and the special prime,
-    # 120 of 218 bits. Same scale, headroom and precision as n8192 and the same bytes on the
-    # wire, but clients encrypt straight at the lowest level: no middle prime to drop, and
-    # about 1.8x faster encryption (see benchmarks/secagg).
+    # 120 of 218 bits. Same scale, headroom, precision, bytes on the wire and encryption speed
+    # as n8192; a shorter chain and a smaller public context.
     "n8192-sum": CKKSParams("n8192-sum", 8192, (60, 60), 40),
 }
 for _p in PRESETS.values():
@@ -129,7 +128,7 @@ for _p in PRESETS.values():
 class CKKSConfig(ConfigBase):
     """User-facing options of ``ckks`` (all optional).
 
-    preset: ``n8192`` (default), ``n16384``, or ``n8192-sum`` (one data prime: fastest);
+    preset: ``n8192`` (default), ``n16384``, or ``n8192-sum`` (one data prime, shorter chain);
     ``poly_modulus_degree``, ``coeff_mod_bit_sizes`` and ``scale_bits`` override it (validated:
     unsafe combinations are refused). min_threshold: the key authority never decrypts an
     aggregate of fewer distinct contributors. max_abs_value: the largest weighted value a client
