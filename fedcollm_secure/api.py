@@ -49,8 +49,8 @@ def secure_sum(updates: Mapping[str, Update], *, protocol: str = "masking",
     if any(not isinstance(c, str) or not c for c in ids):
         raise ConfigError("client ids must be non-empty strings")
     spec = TensorSpec.of(updates[ids[0]])
-    for cid in ids:  # every client's update must match the common spec
-        spec.flatten(updates[cid], who=f"client {cid}")
+    for cid in ids:  # every client's update must match the common spec (checked, no copy)
+        spec.flat_parts(updates[cid], who=f"client {cid}", keep_float32=True)
     w = {cid: 1.0 for cid in ids}
     if weights is not None:
         if set(weights) != set(ids):

@@ -7,7 +7,8 @@ Layout (all integers big-endian)::
                           bit 1: a 16-byte one-time GMAC tag trails it instead
     5   4  header_len
     9   8  body_len
-    17  .. header         canonical UTF-8 JSON object (sorted keys, no spaces)
+    17  .. header         canonical UTF-8 JSON object (sorted keys, no spaces); before a
+                          non-empty body, padded with spaces to end at a multiple of 16
     ..  .. body           raw bytes (e.g. a little-endian ring vector), may be empty
     ..  64 signature      over every byte before it, present iff flag bit 0
     ..  16 MAC tag        over every byte before it, present iff flag bit 1 (never both)
@@ -51,6 +52,7 @@ DEFAULT_MAX_BODY = 1 << 31
 _CANONICAL_INDEX = re.compile(r"0|[1-9][0-9]{0,18}")
 SIG_LABEL = b"fedcollm-secure/envelope-signature/blake3/v1\x00"
 _HEADER_KEYS = {"protocol", "stage", "session", "round", "src", "dst", "fields"}
+BODY_ALIGN = 16
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,22 @@ class Envelope:
         return json.dumps(header, sort_keys=True, separators=(",", ":"),
                           allow_nan=False).encode()
 
+    def _head(self, flags: int, body_nbytes: int) -> bytes:
+        """Prefix and header. Before a body, the header is padded with spaces (still valid
+        JSON) so that the body starts at a multiple of BODY_ALIGN bytes: vectors read from an
+        aligned message buffer are aligned, which numpy processes faster."""
+        header = self.header_json()
+        if body_nbytes:
+            header += b" " * (-(PREFIX.size + len(header)) % BODY_ALIGN)
+        return PREFIX.pack(MAGIC, WIRE_VERSION, flags, len(header), body_nbytes) + header
+
     def encode(self, signer: SigningKey | None = None, *, mac_key: bytes | None = None) -> bytes:
         """The message bytes, signed by ``signer`` or authenticated with the one-time
         GMAC ``mac_key`` (cheaper for bulk bodies; the key must never be reused)."""
         if signer is not None and mac_key is not None:
             raise ValueError("an envelope is either signed or MACed, not both")
-        header = self.header_json()
         flags = FLAG_SIGNED if signer is not None else FLAG_MAC if mac_key is not None else 0
-        head = PREFIX.pack(MAGIC, WIRE_VERSION, flags, len(header), nbytes(self.body)) + header
+        head = self._head(flags, nbytes(self.body))
         parts: list[bytes | memoryview] = [head, self.body]
         if signer is not None:
             parts.append(signer.sign(signature_message(head, self.body)))

@@ -378,8 +378,11 @@ def test_envelope_encoding() -> None:
         blake3.blake3(signed[:-64]).digest()
     unsigned = hx(e["unsigned_hex"])
     magic, version, flags, hlen, blen = struct.unpack_from(">3sBBIQ", unsigned)
-    assert (magic, version, flags, hlen, blen) == (b"FCS", 1, 0, len(e["header_json"].encode()),
+    header = e["header_json"].encode()
+    pad = -(17 + len(header)) % 16  # spaces align the (non-empty) body at 16 bytes
+    assert (magic, version, flags, hlen, blen) == (b"FCS", 1, 0, len(header) + pad,
                                                    len(hx(e["body_hex"])))
+    assert unsigned[17:17 + hlen] == header + b" " * pad and (17 + hlen) % 16 == 0
     assert hx(e["signed_hex"])[4] == 1
     got = decode(hx(e["signed_hex"]))
     assert got.fields == e["fields"] and got.body.hex() == e["body_hex"]

@@ -36,7 +36,7 @@ def test_round_trip_and_signature() -> None:
     with pytest.raises(SignatureError):
         decode(make().encode()).verify(key.verify_key)  # unsigned
     tampered = bytearray(data)
-    tampered[-70] ^= 1  # inside the body
+    tampered[-65] ^= 1  # the last body byte (the 64-byte signature follows)
     with pytest.raises(SignatureError):
         decode(bytes(tampered)).verify(key.verify_key)
 
@@ -126,7 +126,9 @@ def test_mac_envelope_round_trip_and_refusals() -> None:
     env = Envelope(protocol="p", stage="s", session=b"\x01" * 16, round=2, src=1, dst=0,
                    fields={"length": 3}, body=b"abc")
     data = env.encode(mac_key=key)
-    assert data[4] == FLAG_MAC and len(data) == PREFIX.size + len(env.header_json()) + 3 + 16
+    hlen = len(env.header_json()) + (-(PREFIX.size + len(env.header_json())) % 16)
+    assert data[4] == FLAG_MAC and len(data) == PREFIX.size + hlen + 3 + 16
+    assert (PREFIX.size + hlen) % 16 == 0  # the body is 16-byte aligned in the message
     got = decode(data)
     got.verify_mac(key)
     with pytest.raises(MacError):

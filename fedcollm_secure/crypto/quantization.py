@@ -149,12 +149,14 @@ class QuantizationSpec:
     def dequantize(self, ring_values: np.ndarray) -> np.ndarray:
         """Float values of ring elements (a single input or a sum of inputs)."""
         r = np.asarray(ring_values)
-        out = np.empty(r.shape, dtype=np.float64)
-        if self.ring_bits in (32, 64) and r.dtype == self.dtype:  # one pass: view, convert
-            np.multiply(r.view(np.int32 if self.ring_bits == 32 else np.int64), self.clip,
-                        out=out)
+        if self.ring_bits in (32, 64) and r.dtype == self.dtype:  # the lift is a view
+            signed = r.view(np.int32 if self.ring_bits == 32 else np.int64)
         else:
-            np.multiply(self.lift(r), self.clip, out=out)
-        # lift * clip / levels: exact for exactly representable results
-        out /= self.levels
+            signed = self.lift(r)
+        out = np.empty(r.shape, dtype=np.float64)
+        src, dst = signed.reshape(-1), out.reshape(-1)
+        for start in range(0, src.size, _CHUNK):  # one pass, each piece in cache
+            piece = dst[start:start + _CHUNK]
+            np.multiply(src[start:start + _CHUNK], self.clip, out=piece)
+            piece /= self.levels  # lift * clip / levels: exact for representable results
         return out
