@@ -278,21 +278,11 @@ TEST_BUDGET_S = 120.0  # watchdog: the whole deployment test, processes included
 
 
 def _deployment_run_config(models: Path, out: Path) -> dict[str, Any]:
-    return {
-        "fedcollm.llm.source": str(models / "llm"), "fedcollm.slm.source": str(models / "slm"),
-        "fedcollm.lora.r": 4, "fedcollm.lora.alpha": 8, "fedcollm.lora.dropout": 0.0,
-        "fedcollm.n_clients": 3, "fedcollm.rounds": 1, "fedcollm.aggregator": "ckks",
-        "fedcollm.threshold": 2,
-        "fedcollm.data.source": "generated", "fedcollm.data.limit": 48,
-        "fedcollm.data.eval_limit": 0, "fedcollm.data.client_eval_limit": 0,
-        "fedcollm.data.max_length": 64, "fedcollm.partition.scheme": "iid",
-        "fedcollm.train.batch_size": 8, "fedcollm.train.learning_rate": 1e-2,
-        "fedcollm.train.schedule": "constant", "fedcollm.train.max_steps": 2,
-        "fedcollm.distill_train.batch_size": 8, "fedcollm.distill_train.max_steps": 1,
-        "flower.min_nodes": 4, "flower.node_wait_timeout": 60.0,
-        "flower.train_timeout": 90.0, "flower.stage_timeout": 40.0,
-        "flower.poll_interval": 0.1, "flower.output_dir": str(out),
-    }
+    from fedcollm_secure.transport.flower.loopback import tiny_run_config
+
+    return tiny_run_config(models, out, aggregator="ckks", overrides={
+        "flower.node_wait_timeout": 60.0, "flower.train_timeout": 90.0,
+        "flower.stage_timeout": 40.0})
 
 
 def _reference(run_config: dict[str, Any], theta: dict[str, np.ndarray],

@@ -22,7 +22,10 @@ import pytest
 pytest.importorskip("flwr", reason="flwr is not installed (the 'flower' extra)")
 tomli_w = pytest.importorskip("tomli_w", reason="tomli_w (a flwr dependency) is missing")
 
-from fedcollm_secure.transport.flower.loopback import LoopbackFederation  # noqa: E402
+from fedcollm_secure.transport.flower.loopback import (  # noqa: E402
+    LoopbackFederation,
+    tiny_run_config,
+)
 from fedcollm_secure.transport.flower.replay import update_from_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,24 +39,8 @@ pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
                                 reason="flower-superlink is not next to the Python executable")
 
 
-def tiny_run_config(models: Path, out: Path) -> dict[str, Any]:
-    return {
-        "fedcollm.llm.source": str(models / "llm"), "fedcollm.slm.source": str(models / "slm"),
-        "fedcollm.lora.r": LORA["r"], "fedcollm.lora.alpha": LORA["alpha"],
-        "fedcollm.lora.dropout": LORA["dropout"],
-        "fedcollm.n_clients": 3, "fedcollm.rounds": 1, "fedcollm.aggregator": "masking",
-        "fedcollm.aggregator_options.clip": 1.0, "fedcollm.threshold": 2,
-        "fedcollm.data.source": "generated", "fedcollm.data.limit": 48,
-        "fedcollm.data.eval_limit": 0, "fedcollm.data.client_eval_limit": 0,
-        "fedcollm.data.max_length": 64, "fedcollm.partition.scheme": "iid",
-        "fedcollm.train.batch_size": 8, "fedcollm.train.learning_rate": 1e-2,
-        "fedcollm.train.schedule": "constant", "fedcollm.train.max_steps": 2,
-        "fedcollm.distill_train.batch_size": 8, "fedcollm.distill_train.max_steps": 1,
-        "flower.min_nodes": 3, "flower.node_wait_timeout": 60.0,
-        "flower.train_timeout": 90.0, "flower.stage_timeout": 40.0,
-        "flower.stage_timeouts.unmask": 15.0, "flower.poll_interval": 0.1,
-        "flower.output_dir": str(out),
-    }
+TEST_TIMEOUTS = {"flower.node_wait_timeout": 60.0, "flower.train_timeout": 90.0,
+                 "flower.stage_timeout": 40.0, "flower.stage_timeouts.unmask": 15.0}
 
 
 def write_app(app_dir: Path, run_config: dict[str, Any]) -> None:
@@ -115,7 +102,7 @@ def test_masking_round_on_a_loopback_deployment_survives_a_node_killed_after_mas
     save_tiny_model(models / "llm", "llama", seed=3, hidden=48, layers=2)
     save_tiny_model(models / "slm", "llama", seed=4, hidden=32, layers=1)
     out = tmp_path / "out"
-    run_config = tiny_run_config(models, out)
+    run_config = tiny_run_config(models, out, overrides=TEST_TIMEOUTS)
     write_app(tmp_path / "app", run_config)
 
     dropped_id = f"client-{DROP}"

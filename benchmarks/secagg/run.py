@@ -32,13 +32,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime as _dt
-import importlib.metadata
 import json
 import os
 import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -49,7 +47,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # flower_baseline.py lives next to this file
+sys.path.insert(0, str(HERE.parent))  # bench_env.py: shared by the benchmarks
 
+from bench_env import cpu_model, package_version  # noqa: E402
 from fedcollm_secure import secure_sum  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms  # noqa: E402
 
@@ -81,22 +81,8 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def _version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _max_err(result_sum: np.ndarray, exact: np.ndarray) -> float:
@@ -726,12 +712,12 @@ def main(argv: list[str] | None = None) -> int:
                                                         if len(sys.argv) > 1 else ""),
         "quick": args.quick, "reps": reps, "cases": list(cfg),
         "statistic": "median over reps, per column",
-        "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
         "loadavg_at_start": list(os.getloadavg()),
         "python": platform.python_version(), "numpy": np.__version__,
-        "cryptography": _version("cryptography"), "flwr": FLWR_VERSION,
-        "tenseal": _version("tenseal"),
-        "fedcollm_secure": _version("fedcollm_secure") or _version("fedcollm-secure"),
+        "cryptography": package_version("cryptography"), "flwr": FLWR_VERSION,
+        "tenseal": package_version("tenseal"),
+        "fedcollm_secure": package_version("fedcollm_secure") or package_version("fedcollm-secure"),
     }
     log(f"machine: {meta['cpu_model']}, {meta['cpu_count']} CPUs (load average "
         f"{meta['loadavg_at_start'][0]:.2f}); python {meta['python']}, "

@@ -27,26 +27,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_config(models: Path, out: Path, aggregator: str = "masking") -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "fedcollm.llm.source": str(models / "llm"), "fedcollm.slm.source": str(models / "slm"),
-        "fedcollm.lora.r": 4, "fedcollm.lora.alpha": 8, "fedcollm.lora.dropout": 0.0,
-        "fedcollm.n_clients": 3, "fedcollm.rounds": 1, "fedcollm.aggregator": aggregator,
-        "fedcollm.threshold": 2,
-        "fedcollm.data.source": "generated", "fedcollm.data.limit": 48,
-        "fedcollm.data.eval_limit": 0, "fedcollm.data.client_eval_limit": 0,
-        "fedcollm.data.max_length": 64, "fedcollm.partition.scheme": "iid",
-        "fedcollm.train.batch_size": 8, "fedcollm.train.learning_rate": 1e-2,
-        "fedcollm.train.schedule": "constant", "fedcollm.train.max_steps": 2,
-        "fedcollm.distill_train.batch_size": 8, "fedcollm.distill_train.max_steps": 1,
-        "flower.min_nodes": 3, "flower.node_wait_timeout": 120.0,
-        "flower.train_timeout": 300.0, "flower.stage_timeout": 120.0,
-        "flower.poll_interval": 0.1, "flower.output_dir": str(out),
-    }
-    if aggregator == "masking":
-        cfg["fedcollm.aggregator_options.clip"] = 1.0
-    if aggregator == "ckks":
-        cfg["flower.min_nodes"] = 4  # three clients and the key authority
-    return cfg
+    from fedcollm_secure.transport.flower.loopback import tiny_run_config
+
+    return tiny_run_config(models, out, aggregator=aggregator)
 
 
 def node_configs(aggregator: str, work: Path) -> list[dict[str, Any]] | None:
