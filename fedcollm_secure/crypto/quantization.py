@@ -153,10 +153,6 @@ class QuantizationSpec:
             signed = r.view(np.int32 if self.ring_bits == 32 else np.int64)
         else:
             signed = self.lift(r)
-        out = np.empty(r.shape, dtype=np.float64)
-        src, dst = signed.reshape(-1), out.reshape(-1)
-        for start in range(0, src.size, _CHUNK):  # one pass, each piece in cache
-            piece = dst[start:start + _CHUNK]
-            np.multiply(src[start:start + _CHUNK], self.clip, out=piece)
-            piece /= self.levels  # lift * clip / levels: exact for representable results
+        out = np.multiply(signed, self.clip, dtype=np.float64)
+        out /= self.levels  # lift * clip / levels: exact for exactly representable results
         return out
