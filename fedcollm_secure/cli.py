@@ -241,8 +241,9 @@ def run_fedcollm(data: dict[str, Any], out: Path, *, quiet: bool = False,
         return 2
     if not quiet:
         print(files["markdown"].read_text(encoding="utf-8"))
-    print(f"done in {total:.1f} s; report written to "
-          + ", ".join(str(p) for p in files.values()), flush=True)
+    print(f"done in {total:.1f} s; report: {files['markdown']} (and {files['json'].name}); "
+          "outputs: " + ", ".join(str(p) for k, p in files.items()
+                                  if k not in ("markdown", "json")), flush=True)
     return 0
 
 

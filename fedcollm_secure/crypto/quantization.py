@@ -153,6 +153,7 @@ class QuantizationSpec:
             signed = r.view(np.int32 if self.ring_bits == 32 else np.int64)
         else:
             signed = self.lift(r)
-        out = np.multiply(signed, self.clip, dtype=np.float64)
+        out = np.empty(r.shape, dtype=np.float64)
+        np.multiply(signed, self.clip, out=out)
         out /= self.levels  # lift * clip / levels: exact for exactly representable results
         return out
