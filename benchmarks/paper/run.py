@@ -65,7 +65,11 @@ from fedcollm_secure.cotuning.data import (  # noqa: E402
     load_bigbench_mc,
 )
 from fedcollm_secure.cotuning.engine import FedCoLLM, FedCoLLMConfig  # noqa: E402
-from fedcollm_secure.cotuning.evaluation import ChoiceScores, score_choices  # noqa: E402
+from fedcollm_secure.cotuning.evaluation import (  # noqa: E402
+    ChoiceScores,
+    accuracy,
+    score_choices,
+)
 from fedcollm_secure.cotuning.lora import (  # noqa: E402
     adapter_shapes,
     adapter_state,
@@ -255,27 +259,19 @@ def fedcollm_config(settings: dict[str, Any], rowset: dict[str, Any],
 # --------------------------------------------------------------------------------------------
 # scoring
 # --------------------------------------------------------------------------------------------
-def _accuracy(scores: Sequence[ChoiceScores]) -> dict[str, Any]:
-    n = len(scores)
-    if n == 0:
-        return {"acc": math.nan, "acc_norm": math.nan, "n": 0}
-    return {"acc": sum(s.pred == s.answer for s in scores) / n,
-            "acc_norm": sum(s.pred_norm == s.answer for s in scores) / n, "n": n}
-
-
 def summarize_scores(scores: Sequence[ChoiceScores], test: Sequence[MCExample],
                      client_tasks: dict[str, set[str]]) -> dict[str, Any]:
     """Overall, per-task and per-client accuracy, and the per-question predictions."""
     by_task: dict[str, list[ChoiceScores]] = defaultdict(list)
     for s in scores:
         by_task[s.task].append(s)
-    per_client = {cid: {**_accuracy([s for s in scores if s.task in tasks]),
+    per_client = {cid: {**accuracy([s for s in scores if s.task in tasks]),
                         "tasks": sorted(tasks), "ppl": math.nan}
                   for cid, tasks in client_tasks.items()}
     finite = [r for r in per_client.values() if r["n"]]
     return {
-        "overall": _accuracy(scores),
-        "per_task": {t: _accuracy(by_task[t]) for t in sorted(by_task)},
+        "overall": accuracy(scores),
+        "per_task": {t: accuracy(by_task[t]) for t in sorted(by_task)},
         "per_client": per_client,
         "per_client_mean": {k: (sum(r[k] for r in finite) / len(finite) if finite
                                 else math.nan) for k in ("acc", "acc_norm")}
