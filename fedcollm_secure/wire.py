@@ -25,10 +25,12 @@ import binascii
 import json
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import blake3
+import numpy as np
 
 from .crypto.mac import MAC_TAG_SIZE, mac_tag, verify_mac
 from .crypto.signatures import SIGNATURE_SIZE, SigningKey, VerifyKey
@@ -53,6 +55,11 @@ _CANONICAL_INDEX = re.compile(r"0|[1-9][0-9]{0,18}")
 SIG_LABEL = b"fedcollm-secure/envelope-signature/blake3/v1\x00"
 _HEADER_KEYS = {"protocol", "stage", "session", "round", "src", "dst", "fields"}
 BODY_ALIGN = 16
+
+
+Message: TypeAlias = bytes | memoryview
+"""An encoded envelope: bytes, or a read-only byte view of a buffer the sender built in place
+(:meth:`Envelope.encode_in_place`). Transports carry either; :func:`decode` reads both."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,20 @@ class Envelope:
         elif mac_key is not None:
             parts.append(mac_tag(mac_key, head, self.body))
         return b"".join(parts)
+
+    def encode_in_place(self, body_nbytes: int, fill: Callable[[memoryview], None], *,
+                        mac_key: bytes) -> memoryview:
+        """Like ``encode(mac_key=...)`` for a large body that ``fill`` writes straight into
+        the message buffer, so the body is never copied. The buffer is a numpy allocation
+        (large ones get transparent huge pages: fewer page faults than a ``bytes`` copy);
+        the result is a read-only view of it. ``self.body`` is ignored."""
+        head = self._head(FLAG_MAC, body_nbytes)
+        end = len(head) + body_nbytes
+        view = np.empty(end + MAC_TAG_SIZE, dtype=np.uint8).data.cast("B")
+        view[:len(head)] = head
+        fill(view[len(head):end])
+        view[end:] = mac_tag(mac_key, view[:end])
+        return view.toreadonly()
 
     def verify_mac(self, key: bytes) -> None:
         """Raise :class:`MacError` unless the envelope carries a valid tag under ``key``."""
@@ -166,14 +187,18 @@ def signature_message(*signed: bytes | memoryview) -> bytes:
 DEFAULT_LIMITS = Limits()
 
 
-def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
+def decode(data: Message | bytearray, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     """Parse an envelope; raise :class:`WireFormatError` on anything malformed."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireFormatError("message must be bytes")
-    data = bytes(data)  # no copy when it already is bytes
-    if len(data) < PREFIX.size:
+    # bytes and read-only views are parsed in place; a mutable buffer is copied first, so
+    # that nobody can change the message after it was checked
+    if isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly):
+        data = bytes(data)
+    view = memoryview(data).cast("B")
+    if view.nbytes < PREFIX.size:
         raise WireFormatError("message shorter than the envelope prefix")
-    magic, version, flags, hlen, blen = PREFIX.unpack_from(data)
+    magic, version, flags, hlen, blen = PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise WireFormatError("bad magic: not a fedcollm_secure message")
     if version != WIRE_VERSION:
@@ -183,11 +208,11 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     if hlen > limits.max_header or blen > limits.max_body:
         raise WireFormatError(f"message exceeds size limits (header {hlen}, body {blen})")
     sig_len = SIGNATURE_SIZE if flags & FLAG_SIGNED else MAC_TAG_SIZE if flags & FLAG_MAC else 0
-    if len(data) != PREFIX.size + hlen + blen + sig_len:
+    if view.nbytes != PREFIX.size + hlen + blen + sig_len:
         raise WireFormatError("message length does not match its declared sizes")
     end = PREFIX.size + hlen
     try:
-        header = json.loads(data[PREFIX.size:end].decode("utf-8"),
+        header = json.loads(bytes(view[PREFIX.size:end]).decode("utf-8"),
                             object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise WireFormatError(f"header is not valid JSON: {exc}") from None
@@ -207,10 +232,10 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     return Envelope(
         protocol=header["protocol"], stage=header["stage"], session=session,
         round=header["round"], src=header["src"], dst=header["dst"], fields=header["fields"],
-        body=memoryview(data)[end:end + blen],
-        signature=data[end + blen:] if flags & FLAG_SIGNED else None,
-        mac=data[end + blen:] if flags & FLAG_MAC else None,
-        signed_bytes=memoryview(data)[:end + blen],
+        body=view[end:end + blen],
+        signature=bytes(view[end + blen:]) if flags & FLAG_SIGNED else None,
+        mac=bytes(view[end + blen:]) if flags & FLAG_MAC else None,
+        signed_bytes=view[:end + blen],
     )
 
 

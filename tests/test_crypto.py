@@ -223,3 +223,30 @@ def test_gmac_is_aes_gcm_over_associated_data_and_verification_raises() -> None:
             verify_mac(bad_key, bad_tag, bad_msg)
     with pytest.raises(KeyFormatError):
         mac_tag(bytes(16), msg)
+
+
+def test_add_many_hands_each_finished_piece_to_then() -> None:
+    n = (1 << 16) + 7  # more than one piece
+    seeds = [(os.urandom(32), 1), (os.urandom(32), -1), (os.urandom(32), 1)]
+    acc = np.arange(n, dtype=np.uint32)
+    expected = acc.copy()
+    for seed, sign in seeds:
+        MaskPRG(n, 32).add_into(expected, seed, sign)
+    seen: list[tuple[int, np.ndarray]] = []
+    MaskPRG(n, 32).add_many(acc, seeds, then=lambda start, part: seen.append((start,
+                                                                             part.copy())))
+    assert np.array_equal(acc, expected)
+    assert [s for s, _ in seen] == sorted(s for s, _ in seen) and seen[0][0] == 0
+    assert np.array_equal(np.concatenate([p for _, p in seen]), expected)
+
+
+def test_dequantize_into_a_buffer_matches_and_checks_it() -> None:
+    spec = QuantizationSpec.fit(clip=4.0, ring_bits=32, max_summands=10)
+    ring = spec.quantize(np.linspace(-4, 4, 101))
+    out = np.empty(101)
+    assert spec.dequantize(ring, out=out) is out
+    assert np.array_equal(out, spec.dequantize(ring))
+    with pytest.raises(QuantizationError):
+        spec.dequantize(ring, out=np.empty(100))
+    with pytest.raises(QuantizationError):
+        spec.dequantize(ring, out=np.empty(101, dtype=np.float32))

@@ -629,6 +629,7 @@ def test_end_to_end_server_replay(inst: dict[str, Any]) -> None:
 
 # --- must-fail cases ----------------------------------------------------------------------------
 def split(data: bytes) -> tuple[Any, bytes]:
+    data = bytes(data)  # replies may be read-only views (masked inputs are built in place)
     _, _, _, hlen, blen = struct.unpack_from(">3sBBIQ", data)
     return json.loads(data[17:17 + hlen]), data[17 + hlen:17 + hlen + blen]
 

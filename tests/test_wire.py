@@ -151,3 +151,34 @@ def test_mac_envelope_round_trip_and_refusals() -> None:
         decode(bytes(both))
     with pytest.raises(ValueError):
         env.encode(generate_signing_key(), mac_key=key)
+
+
+def test_in_place_encoding_equals_encode_and_is_read_only() -> None:
+    key = bytes(range(32))
+    env = Envelope(protocol="p", stage="s", session=b"\x01" * 16, round=2, src=1, dst=0,
+                   fields={"length": 5}, body=b"hello")
+
+    def fill(body: memoryview) -> None:
+        assert body.nbytes == 5 and not body.readonly
+        body[:] = b"hello"
+
+    view = env.encode_in_place(5, fill, mac_key=key)
+    assert isinstance(view, memoryview) and view.readonly
+    assert bytes(view) == env.encode(mac_key=key)
+    got = decode(view)
+    got.verify_mac(key)
+    assert bytes(got.body) == b"hello"
+
+
+def test_decode_reads_views_in_place_and_copies_mutable_buffers() -> None:
+    key = bytes(range(32))
+    data = make().encode(mac_key=key)
+    ro = decode(memoryview(data))
+    assert isinstance(ro.body, memoryview) and ro.body.obj is data  # no copy
+    buf = bytearray(data)
+    got = decode(memoryview(buf))  # a writable view: copied, so later edits cannot reach it
+    buf[-20] ^= 1
+    got.verify_mac(key)
+    assert bytes(got.body) == b"\x00\x01"
+    with pytest.raises(WireFormatError):
+        decode(memoryview(data)[:10])

@@ -21,6 +21,7 @@ from typing import Any
 from ..crypto.randomness import default_random
 from ..crypto.signatures import SigningKey
 from ..errors import AuditLogError, FedCoLLMSecureError
+from ..wire import Message
 from .records import (
     ARTIFACT,
     CONFIG,
@@ -52,7 +53,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 __all__ = ["AuditLog", "RepliesHook"]
 
-RepliesHook = Callable[[str, Mapping[str, bytes]], None]  # stage, client id -> reply bytes
+RepliesHook = Callable[[str, Mapping[str, Message]], None]  # stage, client id -> reply bytes
 
 
 def _read_tail(path: Path) -> dict[str, Any] | None:
@@ -204,7 +205,7 @@ class AuditLog:
                                     "libraries": library_versions(), **extra})
 
     def record_messages(self, round_: int, stage: str,
-                        replies: Mapping[str, bytes]) -> dict[str, Any]:
+                        replies: Mapping[str, Message]) -> dict[str, Any]:
         """SHA-256 and size of every reply the server received in ``stage``."""
         digests, sizes = {}, {}
         for cid in sorted(replies):
@@ -217,7 +218,7 @@ class AuditLog:
     def replies_hook(self, round_: int) -> RepliesHook:
         """A callback for :func:`fedcollm_secure.transport.drive` that records each stage's
         replies with :meth:`record_messages`."""
-        def hook(stage: str, replies: Mapping[str, bytes]) -> None:
+        def hook(stage: str, replies: Mapping[str, Message]) -> None:
             self.record_messages(round_, stage, replies)
 
         return hook

@@ -8,7 +8,7 @@ words (``ring_bits > 32``), each reduced modulo 2**ring_bits. Every seed is deri
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -79,9 +79,11 @@ class MaskPRG:
         """acc += sign * PRG(seed), modulo 2**w (w = word size; reduce mod 2**ring_bits later)."""
         self.add_many(acc, [(seed, sign)])
 
-    def add_many(self, acc: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
+    def add_many(self, acc: np.ndarray, masks: Sequence[tuple[bytes, int]],
+                 then: Callable[[int, np.ndarray], None] | None = None) -> None:
         """acc += sum of sign * PRG(seed) over ``masks``, chunk by chunk: each piece of ``acc``
-        receives every mask while it is in cache."""
+        receives every mask while it is in cache. ``then(offset, piece)``, if given, is called
+        on each finished piece while it is still in cache (e.g. to decode it)."""
         if acc.shape != (self.length,):
             raise CryptoError(f"accumulator must have shape ({self.length},)")
         streams = [(Cipher(algorithms.ChaCha20(_check_seed(seed), _NONCE), mode=None).encryptor(),
@@ -93,6 +95,8 @@ class MaskPRG:
             for enc, op in streams:
                 enc.update_into(zeros[:m * self._itemsize], self._buf)
                 op(part, words, out=part)
+            if then is not None:
+                then(start, part)
         self.bytes_generated += len(streams) * self.length * self._itemsize
 
 

@@ -146,14 +146,18 @@ class QuantizationSpec:
             signed = np.where(signed >= half, signed - (1 << self.ring_bits), signed)
         return signed
 
-    def dequantize(self, ring_values: np.ndarray) -> np.ndarray:
-        """Float values of ring elements (a single input or a sum of inputs)."""
+    def dequantize(self, ring_values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Float values of ring elements (a single input or a sum of inputs), written into
+        the float64 array ``out`` if given."""
         r = np.asarray(ring_values)
         if self.ring_bits in (32, 64) and r.dtype == self.dtype:  # the lift is a view
             signed = r.view(np.int32 if self.ring_bits == 32 else np.int64)
         else:
             signed = self.lift(r)
-        out = np.empty(r.shape, dtype=np.float64)
+        if out is None:
+            out = np.empty(r.shape, dtype=np.float64)
+        elif out.shape != r.shape or out.dtype != np.float64:
+            raise QuantizationError("output buffer must be float64 of the input's shape")
         np.multiply(signed, self.clip, out=out)
         out /= self.levels  # lift * clip / levels: exact for exactly representable results
         return out

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from ..errors import FedCoLLMSecureError, PartyError, ProtocolError, StageError, WireFormatError
 from ..identity import SERVER_NAME, AllowList, Identity
-from ..wire import DEFAULT_MAX_HEADER, Envelope, Fields, Limits, decode
+from ..wire import DEFAULT_MAX_HEADER, Envelope, Fields, Limits, Message, decode
 from .base import ClientEndpoint, SecureSumResult, ServerWorkflow, StageRequests
 
 PROTOCOL = "auth/v1"
@@ -26,7 +26,7 @@ F_CODE, F_MESSAGE = "code", "message"
 _LIMITS = Limits(max_header=DEFAULT_MAX_HEADER, max_body=1 << 33)
 
 
-def seal_message(stage: str, sender: Identity, receiver: str, inner: bytes,
+def seal_message(stage: str, sender: Identity, receiver: str, inner: Message,
                  fields: Mapping[str, object] | None = None) -> bytes:
     """``inner`` wrapped in an ``auth/v1`` envelope signed by ``sender``."""
     env = Envelope(protocol=PROTOCOL, stage=stage, session=b"", round=0, src=0, dst=0,
@@ -34,7 +34,7 @@ def seal_message(stage: str, sender: Identity, receiver: str, inner: bytes,
     return env.encode(sender.key)
 
 
-def open_message(data: bytes, *, sender: str, receiver: str, allow_list: AllowList,
+def open_message(data: Message, *, sender: str, receiver: str, allow_list: AllowList,
                  stage: str | None = None) -> Envelope:
     """Check the outer envelope: signed by ``sender``'s listed key, addressed to ``receiver``
     (and for ``stage`` if given). Raises a typed error; returns the envelope (body = inner)."""
@@ -96,8 +96,8 @@ class SignedServerWorkflow(ServerWorkflow):
             cid: seal_message(req.stage, self.identity, cid, msg)
             for cid, msg in req.messages.items()})
 
-    def receive(self, stage: str, replies: Mapping[str, bytes]) -> None:
-        opened: dict[str, bytes] = {}
+    def receive(self, stage: str, replies: Mapping[str, Message]) -> None:
+        opened: dict[str, Message] = {}
         for cid, data in replies.items():
             try:
                 env = open_message(data, sender=cid, receiver=self.identity.name,
@@ -106,7 +106,7 @@ class SignedServerWorkflow(ServerWorkflow):
                     f = Fields(env, {F_FROM, F_TO, F_CODE, F_MESSAGE})
                     raise ProtocolError(f"client refused: {f.string(F_CODE, 64)}: "
                                         f"{f.string(F_MESSAGE, 500)}")
-                opened[cid] = bytes(env.body)
+                opened[cid] = env.body  # a read-only view of the checked message
             except FedCoLLMSecureError as exc:
                 self.rejected[cid] = f"{stage}: {type(exc).__name__}: {exc}"
         self.inner.receive(stage, opened)

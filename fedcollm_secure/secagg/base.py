@@ -20,6 +20,7 @@ import numpy as np
 
 from ..crypto.randomness import RandomSource
 from ..errors import AggregatorNotFoundError, ConfigError
+from ..wire import Message
 from .tensors import TensorSpec, Update
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class ClientEndpoint(ABC):
     client_id: str
 
     @abstractmethod
-    def handle(self, request: bytes) -> bytes:
+    def handle(self, request: bytes) -> Message:
         """Answer one request. Refusals come back as an error message, never as silence."""
 
 
@@ -68,7 +69,7 @@ class ServerWorkflow(ABC):
         """Requests for the next stage, or ``None`` once the round is complete."""
 
     @abstractmethod
-    def receive(self, stage: str, replies: Mapping[str, bytes]) -> None:
+    def receive(self, stage: str, replies: Mapping[str, Message]) -> None:
         """Consume the replies of ``stage``; clients absent from ``replies`` dropped out."""
 
     @abstractmethod

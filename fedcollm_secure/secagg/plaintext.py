@@ -21,7 +21,7 @@ from ..errors import (
     ThresholdError,
     WireFormatError,
 )
-from ..wire import SERVER, Envelope, Fields, Limits, decode
+from ..wire import SERVER, Envelope, Fields, Limits, Message, decode
 from .base import (
     Aggregator,
     ClientEndpoint,
@@ -90,7 +90,7 @@ class PlaintextServer(ServerWorkflow):
                                                    SERVER, u, {F_SPEC: self.spec.to_json()}
                                                    ).encode() for u, cid in self.ids.items()})
 
-    def receive(self, stage: str, replies: Mapping[str, bytes]) -> None:
+    def receive(self, stage: str, replies: Mapping[str, Message]) -> None:
         start = time.perf_counter()
         total = np.zeros(self.spec.size)
         weight, survivors, dropped, rejected = 0.0, [], {}, {}

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..secagg.base import SecureSumResult, ServerWorkflow
+from ..wire import Message
 
 
 class Channel(ABC):
@@ -18,7 +19,7 @@ class Channel(ABC):
     """
 
     @abstractmethod
-    def exchange(self, stage: str, requests: Mapping[str, bytes]) -> dict[str, bytes]:
+    def exchange(self, stage: str, requests: Mapping[str, bytes]) -> dict[str, Message]:
         """Send ``requests`` (client id -> bytes); return the replies (client id -> bytes)."""
 
     def stats(self) -> dict[str, Any]:
@@ -29,7 +30,7 @@ class Channel(ABC):
 Progress = Callable[[str, int, int], None]  # stage, requests sent, replies received
 
 
-RepliesHook = Callable[[str, Mapping[str, bytes]], None]  # stage, client id -> reply bytes
+RepliesHook = Callable[[str, Mapping[str, Message]], None]  # stage, client id -> reply bytes
 
 
 def drive(workflow: ServerWorkflow, channel: Channel, progress: Progress | None = None,

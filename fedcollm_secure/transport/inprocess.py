@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..secagg.base import ClientEndpoint
+from ..wire import Message
 from .base import Channel
 
 Direction = Literal["request", "reply"]
-Observer = Callable[[str, str, Direction, bytes], None]  # stage, client id, direction, bytes
+Observer = Callable[[str, str, Direction, Message], None]  # stage, client id, direction, bytes
 
 
 @dataclass
@@ -73,20 +74,20 @@ class InProcessChannel(Channel):
             return True
         return False
 
-    def _apply(self, cid: str, stage: str, direction: Direction, data: bytes) -> bytes:
+    def _apply(self, cid: str, stage: str, direction: Direction, data: Message) -> Message:
         for t in self.faults.tamper:
             if t.client_id == cid and t.stage == stage and t.direction == direction:
-                data = t.edit(data)
+                data = t.edit(bytes(data))
         for obs in self.observers:
             obs(stage, cid, direction, data)
         return data
 
-    def exchange(self, stage: str, requests: Mapping[str, bytes]) -> dict[str, bytes]:
-        replies: dict[str, bytes] = {}
+    def exchange(self, stage: str, requests: Mapping[str, bytes]) -> dict[str, Message]:
+        replies: dict[str, Message] = {}
         for cid, request in requests.items():
             if cid not in self.clients or self._is_dropped(cid, stage):
                 continue
-            request = self._apply(cid, stage, "request", request)
+            request = bytes(self._apply(cid, stage, "request", request))  # no copy of bytes
             self.bytes_received[cid][stage] = len(request)
             start = time.perf_counter()
             reply = self.clients[cid].handle(request)

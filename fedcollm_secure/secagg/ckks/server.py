@@ -25,7 +25,7 @@ from ...errors import (
     ThresholdError,
     WireFormatError,
 )
-from ...wire import SERVER, Envelope, Fields, Limits, b64, decode
+from ...wire import SERVER, Envelope, Fields, Limits, Message, b64, decode
 from ..base import SecureSumResult, ServerWorkflow, StageRequests
 from ..tensors import TensorSpec
 from . import he
@@ -146,7 +146,7 @@ class CKKSServer(ServerWorkflow):
                                          - self.authority_seconds[OPEN_ROUND])
         return StageRequests(ENCRYPTED_INPUT, messages)
 
-    def _accept(self, u: int, data: bytes) -> tuple[ts.CKKSVector, list[str]]:
+    def _accept(self, u: int, data: Message) -> tuple[ts.CKKSVector, list[str]]:
         env = decode(data, Limits(max_header=1 << 16,
                                   max_body=self.chunks * 4 * self.params.poly_modulus_degree * 8
                                   + (1 << 16)))
@@ -174,7 +174,7 @@ class CKKSServer(ServerWorkflow):
         receipt = [b64(ct_digest), f.f[F_RECEIPT]] if f.has(F_RECEIPT) else []
         return vec, receipt
 
-    def receive(self, stage: str, replies: Mapping[str, bytes]) -> None:
+    def receive(self, stage: str, replies: Mapping[str, Message]) -> None:
         if stage != ENCRYPTED_INPUT or self.ctx is None or self._result is not None:
             raise ProtocolError(f"unexpected replies for stage {stage!r}")
         start = time.perf_counter()

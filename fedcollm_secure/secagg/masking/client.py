@@ -26,7 +26,17 @@ from ...errors import (
     UpdateValidationError,
 )
 from ...identity import AllowList, Identity
-from ...wire import DEFAULT_LIMITS, SERVER, Envelope, Fields, Limits, b64, bytes_map, decode
+from ...wire import (
+    DEFAULT_LIMITS,
+    SERVER,
+    Envelope,
+    Fields,
+    Limits,
+    Message,
+    b64,
+    bytes_map,
+    decode,
+)
 from ..base import ClientEndpoint
 from ..tensors import TensorSpec, Update
 from .config import PROTOCOL, MaskingConfig
@@ -123,7 +133,7 @@ class MaskingClient(ClientEndpoint):
         self.revealed: dict[str, list[int]] = {}
 
     # --- entry points --------------------------------------------------------------------
-    def handle(self, request: bytes) -> bytes:
+    def handle(self, request: bytes) -> Message:
         """Process one request; a refusal is answered with an ``error`` message."""
         try:
             return self.process(request)
@@ -131,7 +141,7 @@ class MaskingClient(ClientEndpoint):
             return envelope(ERROR, self.session or b"", self.round or 0, self.node, SERVER,
                             error_fields(exc)).encode(self.signer)
 
-    def process(self, request: bytes) -> bytes:
+    def process(self, request: bytes) -> Message:
         """Process one request; raise the typed error of a refusal."""
         if self.state in (ABORTED, DONE):
             raise StageError(f"client {self.client_id} has finished this round ({self.state})")
@@ -144,7 +154,7 @@ class MaskingClient(ClientEndpoint):
             raise StageError(f"{kind} {env.stage!r} request; expecting {expected!r}")
         self._check_route(env, expected)
         try:
-            reply: bytes = getattr(self, f"_on_{expected}")(env)
+            reply: Message = getattr(self, f"_on_{expected}")(env)
         except FedCoLLMSecureError as exc:
             self.state, self.error = ABORTED, exc
             raise
@@ -174,8 +184,11 @@ class MaskingClient(ClientEndpoint):
                        body)
         if stage == ADVERTISE_KEYS:
             return env.encode()
+        return env.encode(mac_key=self._mac_key(stage))
+
+    def _mac_key(self, stage: str) -> bytes:
         ctx = kdf_context(self.session or b"", self.round or 0)
-        return env.encode(mac_key=client_mac_key(self.server_secret, ctx, self.node, stage))
+        return client_mac_key(self.server_secret, ctx, self.node, stage)
 
     # --- stage 0: advertise keys ---------------------------------------------------------
     def _on_advertise_keys(self, env: Envelope) -> bytes:
@@ -304,7 +317,7 @@ class MaskingClient(ClientEndpoint):
         return self._reply(SHARE_KEYS, {F_SHARES: bytes_map(sealed), F_B_COMMIT: b64(commit)})
 
     # --- stage 2: masked input -----------------------------------------------------------
-    def _on_masked_input(self, env: Envelope) -> bytes:
+    def _on_masked_input(self, env: Envelope) -> Message:
         f = Fields(env, {F_SHARES})
         sealed = f.bytes_map(F_SHARES, MAX_NODES, size=SEALED_SHARE_SIZE)
         unknown = set(sealed) - set(self.bundles)
@@ -321,12 +334,17 @@ class MaskingClient(ClientEndpoint):
                 raise PartyError(f"share claims route {src}->{dst}, expected {v}->{self.node}")
             self.held_b[v], self.held_s[v] = b_share, s_share
         self.peers = frozenset(sealed)
-        masked = self._mask()
-        little = np.ascontiguousarray(masked, dtype=masked.dtype.newbyteorder("<"))
-        return self._reply(MASKED_INPUT, {F_LENGTH: int(masked.size)}, little.data)
+        length = self.spec.size + 1
+        dtype = np.dtype(self.values_q.dtype).newbyteorder("<")
+        env = envelope(MASKED_INPUT, self.session or b"", self.round or 0, self.node, SERVER,
+                       {F_LENGTH: length})
+        # the masked vector is built straight in the reply buffer: the body is never copied
+        return env.encode_in_place(
+            length * dtype.itemsize, lambda body: self._mask(np.frombuffer(body, dtype=dtype)),
+            mac_key=self._mac_key(MASKED_INPUT))
 
-    def _mask(self) -> np.ndarray:
-        y = np.empty(self.spec.size + 1, dtype=self.values_q.dtype)
+    def _mask(self, y: np.ndarray) -> None:
+        """Write the masked, quantised update (weight last) into ``y``."""
         # clip to [-clip, clip], then weight; the parts were checked finite by flat_parts()
         self.values_q.quantize(self.parts, self.rng, multiplier=self.weight,
                                pre_clip=self.clip, check_finite=False, out=y[:-1])
@@ -341,7 +359,6 @@ class MaskingClient(ClientEndpoint):
         if self.values_q.ring_bits not in (32, 64):
             y &= y.dtype.type(ring_mask(self.values_q.ring_bits))
         self.mask_bytes_generated = prg.bytes_generated
-        return y
 
     # --- consistency check (optional) ---------------------------------------------------
     def _on_consistency_check(self, env: Envelope) -> bytes:

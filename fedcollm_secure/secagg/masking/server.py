@@ -36,7 +36,7 @@ from ...errors import (
     WireFormatError,
 )
 from ...identity import AllowList
-from ...wire import SERVER, Envelope, Fields, Limits, b64, bytes_map, decode
+from ...wire import SERVER, Envelope, Fields, Limits, Message, b64, bytes_map, decode
 from ..base import SecureSumResult, ServerWorkflow, StageRequests
 from ..tensors import TensorSpec
 from .config import PROTOCOL, PROTOCOL_NAME, MaskingConfig, RoundParams
@@ -165,7 +165,7 @@ class MaskingServer(ServerWorkflow):
         self._tick(stage, start)
         return StageRequests(stage, messages)
 
-    def receive(self, stage: str, replies: Mapping[str, bytes]) -> None:
+    def receive(self, stage: str, replies: Mapping[str, Message]) -> None:
         if self.aborted is not None:
             raise self.aborted
         if self.stage_index >= len(self.stages) or stage != self.stages[self.stage_index]:
@@ -209,7 +209,7 @@ class MaskingServer(ServerWorkflow):
     def _tick(self, stage: str, start: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
-    def _open(self, stage: str, u: int, data: bytes) -> Envelope:
+    def _open(self, stage: str, u: int, data: Message) -> Envelope:
         itemsize = np.dtype(self.params.values.dtype).itemsize
         max_body = self.length * itemsize if stage == MASKED_INPUT else 0
         env = decode(data, Limits(max_header=HEADER_LIMIT, max_body=max_body))
@@ -426,8 +426,13 @@ class MaskingServer(ServerWorkflow):
         acc = self.masked_sum
         if acc is None:
             raise ProtocolError("no masked input was received")
-        prg.add_many(acc, masks)
-        values = p.values.dequantize(acc[:-1])
+        values = np.empty(self.length - 1)
+
+        def decode(start: int, part: np.ndarray) -> None:  # each unmasked piece, in cache
+            m = min(part.size, values.size - start)
+            p.values.dequantize(part[:m], out=values[start:start + m])
+
+        prg.add_many(acc, masks, then=decode)
         weight_total = float(p.weight.dequantize(acc[-1:])[0])
         return SecureSumResult(
             sum=self.spec.unflatten(values),

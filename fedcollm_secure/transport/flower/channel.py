@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from ...errors import TransportError, TransportTimeout
+from ...wire import Message as WireMessage
 from ..base import Channel
 
 RECORD = "fedcollm"
@@ -124,7 +125,7 @@ class FlowerChannel(Channel):
                        group_id=str(self.round),
                        ttl=max(60.0, 2 * self.timeout(stage)))
 
-    def exchange(self, stage: str, requests: Mapping[str, bytes]) -> dict[str, bytes]:
+    def exchange(self, stage: str, requests: Mapping[str, bytes]) -> dict[str, WireMessage]:
         start = time.perf_counter()
         messages = {self.nodes[cid]: self._message(self.nodes[cid], stage_message_type(stage),
                                                    stage, req)
@@ -134,7 +135,7 @@ class FlowerChannel(Channel):
             if cid in self.nodes:
                 self.bytes_received[cid][stage] = len(req)  # as counted by the client side
         got, errors = collect(self.grid, messages, self.timeout(stage), self.poll_interval)
-        replies: dict[str, bytes] = {}
+        replies: dict[str, WireMessage] = {}
         missing = {by_node[n]: why for n, why in errors.items()}
         for node, msg in got.items():
             cid = by_node[node]

@@ -113,7 +113,7 @@ class EndpointState:
         """Answer ``request`` with the endpoint of this round; remember it for the next."""
         reply = self.endpoint(build).handle(request)
         self.requests.append(bytes(request))
-        return reply
+        return bytes(reply)  # Flower's records hold bytes
 
     # --- plain-data form, for Flower's ConfigRecord ------------------------------------------
     def to_record(self) -> dict[str, Any]:

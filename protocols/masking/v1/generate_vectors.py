@@ -849,6 +849,7 @@ def gen_end_to_end() -> dict[str, dict[str, Any]]:
 
 # --- must_fail.json ------------------------------------------------------------------------
 def parse_message(data: bytes) -> tuple[dict[str, Any], bytes]:
+    data = bytes(data)  # replies may be read-only views (masked inputs are built in place)
     _, _, _, hlen, blen = struct.unpack_from(">3sBBIQ", data)
     return json.loads(data[17:17 + hlen]), data[17 + hlen:17 + hlen + blen]
 
