@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -144,6 +145,7 @@ class MaskingServer(ServerWorkflow):
         self.commits: dict[int, bytes] = {}
         self.peers: dict[int, frozenset[int]] = {}
         self.masked_sum: np.ndarray | None = None  # running sum of the masked inputs (U3)
+        self._result_buffer = np.empty(0)  # float64 result; masked_sum lives at its end
         self.unmask_lists: dict[int, tuple[list[int], list[int]]] = {}
         self.revealed_b: dict[int, dict[int, Share]] = {}
         self.revealed_s: dict[int, dict[int, Share]] = {}
@@ -316,19 +318,35 @@ class MaskingServer(ServerWorkflow):
         signed = memoryview(env.signed_bytes).cast("B")
         body_at = signed.nbytes - vec.nbytes
         mac.update(signed[:body_at])
-        if self.masked_sum is None:
-            self.masked_sum = np.zeros(self.length, dtype=dtype.newbyteorder("="))
-        acc, step = self.masked_sum, _SUM_CHUNK
+        first = self.masked_sum is None
+        acc = self._accumulator(dtype.newbyteorder("=")) if first else self.masked_sum
+        assert acc is not None
+        step = _SUM_CHUNK
         for start in range(0, self.length, step):
             mac.update(signed[body_at + start * dtype.itemsize:
                               body_at + (start + step) * dtype.itemsize])
-            np.add(acc[start:start + step], vec[start:start + step],
-                   out=acc[start:start + step])
+            if first:  # the first vector initialises the sum: no zeroing pass
+                acc[start:start + step] = vec[start:start + step]
+            else:
+                np.add(acc[start:start + step], vec[start:start + step],
+                       out=acc[start:start + step])
         try:
             mac.verify(env.mac)
         except MacError:
             np.subtract(acc, vec, out=acc)
             raise
+        self.masked_sum = acc
+
+    def _accumulator(self, dtype: np.dtype[Any]) -> np.ndarray:
+        """The running sum of masked vectors, placed at the end of the buffer that will hold
+        the float64 result, so the round touches one fresh buffer instead of two (fresh pages
+        are costly). Decoding piece by piece from the front never overwrites a ring element
+        before it is read: the float64 values of elements [0, k) end at byte 8k, and ring
+        element k starts at byte offset + w*k >= (8 - w)*L + w*k >= 8k for k <= L."""
+        w, n = dtype.itemsize, self.length
+        offset = -(-(8 - w) * n // 64) * 64  # 64-byte aligned
+        self._result_buffer = np.empty(-(-(offset + w * n) // 8), dtype=np.float64)
+        return self._result_buffer.view(np.uint8)[offset:offset + w * n].view(dtype)
 
     def _holders(self, u: int) -> frozenset[int]:
         """Nodes holding shares of u's secrets (u itself included)."""
@@ -426,7 +444,7 @@ class MaskingServer(ServerWorkflow):
         acc = self.masked_sum
         if acc is None:
             raise ProtocolError("no masked input was received")
-        values = np.empty(self.length - 1)
+        values = self._result_buffer[:self.length - 1]  # acc lies behind it (_accumulator)
 
         def decode(start: int, part: np.ndarray) -> None:  # each unmasked piece, in cache
             m = min(part.size, values.size - start)
