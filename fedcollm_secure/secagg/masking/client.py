@@ -338,10 +338,20 @@ class MaskingClient(ClientEndpoint):
         dtype = np.dtype(self.values_q.dtype).newbyteorder("<")
         env = envelope(MASKED_INPUT, self.session or b"", self.round or 0, self.node, SERVER,
                        {F_LENGTH: length})
-        # the masked vector is built straight in the reply buffer: the body is never copied
-        return env.encode_in_place(
-            length * dtype.itemsize, lambda body: self._mask(np.frombuffer(body, dtype=dtype)),
-            mac_key=self._mac_key(MASKED_INPUT))
+
+        def fill(body: memoryview) -> None:
+            """The masked vector is built straight in the reply buffer (little-endian hosts:
+            the body is never copied)."""
+            wire = np.frombuffer(body, dtype=dtype)
+            if dtype.isnative:
+                self._mask(wire)
+            else:
+                y = np.empty(length, dtype=self.values_q.dtype)
+                self._mask(y)
+                wire[:] = y
+
+        return env.encode_in_place(length * dtype.itemsize, fill,
+                                   mac_key=self._mac_key(MASKED_INPUT))
 
     def _mask(self, y: np.ndarray) -> None:
         """Write the masked, quantised update (weight last) into ``y``."""
