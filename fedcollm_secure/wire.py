@@ -188,7 +188,12 @@ DEFAULT_LIMITS = Limits()
 
 
 def decode(data: Message | bytearray, limits: Limits = DEFAULT_LIMITS) -> Envelope:
-    """Parse an envelope; raise :class:`WireFormatError` on anything malformed."""
+    """Parse an envelope; raise :class:`WireFormatError` on anything malformed.
+
+    ``bytes`` and read-only views are read in place: the envelope's ``body`` and
+    ``signed_bytes`` are views into ``data``. A read-only view must not be backed by a buffer
+    that someone still writes (:meth:`Envelope.encode_in_place` hands out such views only
+    once the buffer is complete). Mutable buffers are copied first."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireFormatError("message must be bytes")
     # bytes and read-only views are parsed in place; a mutable buffer is copied first, so
