@@ -1,7 +1,8 @@
 """The aggregator interface, its sans-IO halves, and the registry.
 
-An aggregator has two halves that only exchange encoded messages (:data:`~fedcollm_secure.wire.Message`:
-bytes, or a read-only view of a buffer the sender built in place and no longer writes):
+An aggregator has two halves that only exchange encoded messages
+(:data:`~fedcollm_secure.wire.Message`: bytes, or a read-only view of a buffer the sender
+built in place and no longer writes):
 
 * a :class:`ClientEndpoint` per client, which answers one request with one reply;
 * a :class:`ServerWorkflow`, which emits the requests of one stage at a time and consumes
