@@ -177,3 +177,125 @@ def test_masking_round_on_a_loopback_deployment_survives_a_node_killed_after_mas
     assert worst <= 2 * bound, (worst, bound)  # each path is within `bound` of the exact sum
     print(f"loopback deployment round: {wall:.1f} s wall (test total), max |diff| {worst:.3g}, "
           f"bound {bound:.3g}; stage seconds {record['stage_seconds']}")
+
+
+def test_dpsgd_on_a_loopback_deployment_each_node_keeps_its_accountant_and_budget(
+        tmp_path: Path, watchdog: threading.Event) -> None:
+    """DP-SGD over Flower: every node plans and accounts its own DP-SGD (Opacus) and reports
+    it; a budget that fits one round but not two makes every node refuse round 2 before
+    training, and the server ends the run cleanly after round 1."""
+    from fedcollm_secure.cotuning import engine as engine_mod
+    from fedcollm_secure.cotuning.models import save_tiny_model
+    from fedcollm_secure.privacy import compute_epsilon
+    from fedcollm_secure.privacy.federation import plan_dpsgd
+    from fedcollm_secure.transport.flower.config import fedcollm_config
+
+    models = tmp_path / "models"
+    save_tiny_model(models / "llm", "llama", seed=3, hidden=48, layers=2)
+    save_tiny_model(models / "slm", "llama", seed=4, hidden=32, layers=1)
+    out = tmp_path / "out"
+    sigma, delta = 1.0, 1e-5
+    run_config = tiny_run_config(models, out, overrides={
+        **TEST_TIMEOUTS, "fedcollm.rounds": 2, "fedcollm.aggregator_options.clip": 4.0,
+        "fedcollm.privacy.dpsgd.noise_multiplier": sigma,
+        "fedcollm.privacy.dpsgd.epsilon_budget": 1e9})  # placeholder, set below
+    cfg = fedcollm_config(run_config)
+    eng = engine_mod.FedCoLLM(cfg)
+    plans, one, two = {}, {}, {}
+    for cid, features in zip(eng.client_ids, eng.client_features, strict=True):
+        plans[cid] = plan_dpsgd(cfg.privacy.dpsgd,  # type: ignore[arg-type]
+                                n_examples=len(features), batch_size=cfg.train.batch_size,
+                                epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
+                                rounds=2)
+        _, q, steps = plans[cid]
+        one[cid] = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps,
+                                   delta=delta)
+        two[cid] = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=2 * steps,
+                                   delta=delta)
+    assert max(one.values()) < min(two.values())  # one budget: one round fits, two do not
+    run_config["fedcollm.privacy.dpsgd.epsilon_budget"] = (max(one.values())
+                                                          + min(two.values())) / 2
+    write_app(tmp_path / "app", run_config)
+
+    fed = LoopbackFederation(3, tmp_path / "fed", bin_dir=BIN)
+    try:
+        fed.start()
+        submitted = fed.run_app(tmp_path / "app")
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        while not any(e.get("event") == "done" for e in progress(out)):
+            if watchdog.is_set():
+                pytest.fail(f"no result within {TEST_BUDGET_S:g} s; events: {progress(out)}; "
+                            f"logs in {fed.logs}")
+            if fed.superlink is not None and fed.superlink.poll() is not None:
+                pytest.fail(f"the SuperLink exited; logs in {fed.logs}")
+            time.sleep(0.05)
+    finally:
+        fed.stop()
+
+    rounds = json.loads((out / "rounds.json").read_text())
+    assert len(rounds) == 1  # round 2 never aggregated
+    reports = rounds[0]["privacy"]["dpsgd"]
+    assert sorted(reports) == ["client-0", "client-1", "client-2"]
+    for cid, rep in reports.items():
+        _, q, steps = plans[cid]
+        assert rep["noise_multiplier"] == sigma and rep["sample_rate"] == pytest.approx(q)
+        assert rep["steps"] == steps and rep["delta"] == delta
+        assert rep["epsilon"] == pytest.approx(one[cid], rel=1e-6)
+        assert rep["epsilon"] < rep["budget"] < two[cid]
+    stopped = [e for e in progress(out) if e.get("event") == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["round"] == 2
+    assert "PrivacyBudgetError" in stopped[0]["reason"]
+
+
+def test_a_node_keeps_its_dpsgd_accountant_in_its_state_file_or_the_run_state(
+        tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import Context, RecordDict
+
+    from fedcollm_secure.errors import ConfigError, PrivacyBudgetError
+    from fedcollm_secure.transport.flower.client_app import DP_RECORD, _ClientParts, _DPSGD
+    from fedcollm_secure.transport.flower.config import fedcollm_config
+
+    cfg = fedcollm_config(tiny_run_config(tmp_path / "models", tmp_path / "out", overrides={
+        "fedcollm.rounds": 2, "fedcollm.privacy.dpsgd.noise_multiplier": 1.0,
+        "fedcollm.privacy.dpsgd.epsilon_budget": 1e9}))
+    parts = _ClientParts("client-0", 0, None, None, None, 16)
+    ran = SimpleNamespace(steps=2, noise_multiplier=1.0, sample_rate=0.5)
+    for node_config in ({"dp-state-file": str(tmp_path / "c0.json")}, {}):
+        ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                      run_config={})
+        dp = _DPSGD(cfg, ctx, parts)
+        assert dp.args == (1.0, cfg.privacy.dpsgd.max_grad_norm)  # type: ignore[union-attr]
+        dp.admit()
+        first = dp.record(1, ran)["epsilon"]
+        again = _DPSGD(cfg, ctx, parts)  # the next round's view: the saved accountant
+        assert again.accountant.steps == 2 and again.accountant.epsilon() == first
+        assert again.record(2, ran)["epsilon"] > first
+        if node_config:
+            assert DP_RECORD not in ctx.state.config_records  # the file, not the run state
+            with pytest.raises(ConfigError, match="does not match"):  # another client's file
+                _DPSGD(cfg, ctx, _ClientParts("client-1", 1, None, None, None, 16))
+        else:
+            assert DP_RECORD in ctx.state.config_records
+    tight = fedcollm_config(tiny_run_config(tmp_path / "models", tmp_path / "out", overrides={
+        "fedcollm.privacy.dpsgd.noise_multiplier": 1.0,
+        "fedcollm.privacy.dpsgd.epsilon_budget": 1e-3}))
+    with pytest.raises(PrivacyBudgetError):
+        _DPSGD(tight, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                              run_config={}), parts).admit()
+
+
+def test_the_server_accepts_only_well_formed_dpsgd_reports() -> None:
+    from fedcollm_secure.transport.flower.server_app import _dp_report
+
+    good = {"noise_multiplier": 1.0, "sample_rate": 0.5, "max_grad_norm": 1.0,
+            "delta": 1e-5, "epsilon": 2.5, "steps": 2, "budget": 4.0, "accountant": "rdp"}
+    assert _dp_report(json.dumps(good)) == good
+    assert _dp_report(json.dumps({**good, "budget": None})) is not None
+    for bad in (None, b"{}", "not json", "[]", json.dumps({**good, "epsilon": -1.0}),
+                json.dumps({**good, "epsilon": True}), json.dumps({**good, "steps": 1.5}),
+                json.dumps({**good, "epsilon": float("nan")}), json.dumps({**good, "budget": 0}),
+                json.dumps({k: v for k, v in good.items() if k != "delta"}),
+                json.dumps({**good, "pad": "x" * 5000})):
+        assert _dp_report(bad) is None, bad

@@ -24,11 +24,11 @@ from ..crypto.randomness import RandomSource
 from ..errors import ConfigError, PrivacyBudgetError, ThresholdError
 from ..secagg import SecureSumResult, TensorSpec
 from .accountant import ClientAccountant, compute_epsilon, noise_for_epsilon
-from .config import PrivacySettings
+from .config import DPSGDSettings, PrivacySettings
 from .ddp import DDPParams, decode_sum, encode_update, secure_integer_sum
 from .ledger import PrivacyLedger, library_versions
 
-__all__ = ["PrivacyController"]
+__all__ = ["PrivacyController", "load_accountant", "plan_dpsgd"]
 
 log = logging.getLogger("fedcollm_secure.privacy")
 
@@ -37,6 +37,34 @@ def _planned(n: int, batch_size: int, epochs: int, max_steps: int) -> tuple[floa
     q = min(1.0, batch_size / n)
     steps = epochs * math.ceil(n / batch_size)
     return q, min(steps, max_steps) if max_steps else steps
+
+
+def plan_dpsgd(dp: DPSGDSettings, *, n_examples: int, batch_size: int, epochs: int,
+               max_steps: int, rounds: int) -> tuple[float, float, int]:
+    """``(noise_multiplier, sample_rate, steps per round)`` of one client's DP-SGD: the given
+    noise, or the noise that spends ``target_epsilon`` over the planned steps of all rounds."""
+    q, steps = _planned(n_examples, batch_size, epochs, max_steps)
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier, q, steps
+    if dp.target_epsilon is None:
+        raise ConfigError("dpsgd needs noise_multiplier or target_epsilon")
+    sigma = noise_for_epsilon(target_epsilon=dp.target_epsilon, sample_rate=q,
+                              steps=steps * rounds, delta=dp.delta, accountant=dp.accountant)
+    return sigma, q, steps
+
+
+def load_accountant(dp: DPSGDSettings, client_id: str, path: Path | None) -> ClientAccountant:
+    """``client_id``'s accountant saved at ``path`` (checked against this run's settings, with
+    this run's budget), or a fresh one."""
+    if path is not None and path.exists():
+        acc = ClientAccountant.load(path)
+        if (acc.client_id, acc.accountant, acc.delta) != (client_id, dp.accountant, dp.delta):
+            raise ConfigError(f"{path}: saved accountant ({acc.client_id}, {acc.accountant}, "
+                              f"delta {acc.delta}) does not match this run")
+        acc.budget = dp.budget
+        return acc
+    return ClientAccountant(client_id, delta=dp.delta, accountant=dp.accountant,
+                            budget=dp.budget)
 
 
 class PrivacyController:
@@ -63,16 +91,8 @@ class PrivacyController:
         dp = settings.dpsgd
         if settings.dpsgd_on and dp is not None:
             for cid, n in n_examples.items():
-                q, steps = _planned(n, batch_size, epochs, max_steps)
-                if dp.noise_multiplier is not None:
-                    sigma = dp.noise_multiplier
-                else:
-                    if dp.target_epsilon is None:
-                        raise ConfigError("dpsgd needs noise_multiplier or target_epsilon")
-                    sigma = noise_for_epsilon(target_epsilon=dp.target_epsilon, sample_rate=q,
-                                              steps=steps * rounds, delta=dp.delta,
-                                              accountant=dp.accountant)
-                self.plan[cid] = (sigma, q, steps)
+                self.plan[cid] = plan_dpsgd(dp, n_examples=n, batch_size=batch_size,
+                                            epochs=epochs, max_steps=max_steps, rounds=rounds)
                 self.accountants[cid] = self._load_or_new(cid)
         self.ddp: DDPParams | None = None
         self.ddp_releases = 0
@@ -102,15 +122,7 @@ class PrivacyController:
         dp = self.settings.dpsgd
         if dp is None:
             raise ConfigError("no dpsgd settings: client accountants are not used")
-        path = self._state_path(cid)
-        if path is not None and path.exists():
-            acc = ClientAccountant.load(path)
-            if (acc.client_id, acc.accountant, acc.delta) != (cid, dp.accountant, dp.delta):
-                raise ConfigError(f"{path}: saved accountant ({acc.client_id}, "
-                                  f"{acc.accountant}, delta {acc.delta}) does not match this run")
-            acc.budget = dp.budget
-            return acc
-        return ClientAccountant(cid, delta=dp.delta, accountant=dp.accountant, budget=dp.budget)
+        return load_accountant(dp, cid, self._state_path(cid))
 
     def dpsgd_args(self, cid: str) -> tuple[float, float] | None:
         """``(noise_multiplier, max_grad_norm)`` of ``cid``'s DP-SGD, or None without it."""

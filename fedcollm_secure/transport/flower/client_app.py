@@ -4,7 +4,9 @@ Handlers (message types sent by :mod:`.server_app`):
 
 * ``train``: load the broadcast SLM adapter ``theta_t``, train it on this node's data with
   :func:`~fedcollm_secure.cotuning.trainer.client_update` (the in-process trainer, the same
-  per-client seed), keep the delta in the node's ``Context.state`` and report the weight;
+  per-client seed), keep the delta in the node's ``Context.state`` and report the weight.
+  With DP-SGD the node first checks its own accountant (node config ``dp-state-file``, else
+  ``Context.state``), trains with Opacus and reports what it spent;
 * ``query.<stage>`` for every stage of every registered aggregator: hand the envelope bytes
   to this round's :class:`~fedcollm_secure.secagg.base.ClientEndpoint` (rebuilt by
   :mod:`.replay`) and return its reply bytes. For ``ckks`` the endpoint gets the node's
@@ -25,9 +27,11 @@ not import torch; only ``train`` does.
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -43,6 +47,7 @@ from .channel import (
     F_CLIENT_ID,
     F_CLIENT_KEYS,
     F_CLIPPED,
+    F_DP,
     F_ERROR,
     F_LOSS,
     F_MAX_WEIGHT,
@@ -62,6 +67,7 @@ from .channel import (
 from .config import (
     NODE_CLIENT_ID,
     NODE_DATA_PATH,
+    NODE_DP_STATE,
     NODE_IDENTITY_FILE,
     NODE_PARTITION_ID,
     ROLE_CLIENT,
@@ -72,6 +78,7 @@ from .config import (
     node_aggregators,
     node_partition,
     node_role,
+    node_string,
 )
 from .key_authority import STATE_RECORD as AUTHORITY_RECORD
 from .key_authority import AuthorityNode
@@ -88,6 +95,7 @@ if TYPE_CHECKING:
     from ...cotuning.engine import FedCoLLMConfig
 
 STATE_RECORD = "fedcollm.round"
+DP_RECORD = "fedcollm.dpsgd"  # this node's DP-SGD accountant, when no dp-state-file is set
 
 app = ClientApp()
 
@@ -196,9 +204,9 @@ def train(msg: Message, context: Context) -> Message:
     try:
         aggregator = _check_aggregator(context)
         cfg = fedcollm_config(context.run_config)
-        if cfg.privacy.dpsgd_on or cfg.privacy.ddp_on:
-            raise ConfigError("privacy (DP-SGD / distributed DP) is not wired into the Flower "
-                              "transport yet; run it in process")
+        if cfg.privacy.ddp_on:
+            raise ConfigError("distributed DP is not wired into the Flower transport yet; "
+                              "run it in process")
         rec = _incoming(msg)
         t = int(rec[F_ROUND])  # type: ignore[arg-type]
         theta_bytes = rec[F_THETA]
@@ -211,8 +219,12 @@ def train(msg: Message, context: Context) -> Message:
 
         parts = _client_parts(cfg, context.node_config, (context.run_id, context.node_id))
         theta = {n: torch.from_numpy(v.copy()) for n, v in update_from_bytes(theta_bytes).items()}
+        dp = _DPSGD(cfg, context, parts) if cfg.privacy.dpsgd_on else None
+        if dp is not None:
+            dp.admit()  # PrivacyBudgetError before any training: the node sits the round out
         delta, result = client_update(parts.slm, parts.tokenizer, theta, parts.features,
-                                      cfg.train, seed=_seed(cfg.seed, t, parts.index))
+                                      cfg.train, seed=_seed(cfg.seed, t, parts.index),
+                                      dp=None if dp is None else dp.args)
         options = cfg.resolved_aggregator_options()
         clip = options.get("clip") if aggregator == "masking" else None
         clipped = 0.0
@@ -231,9 +243,61 @@ def train(msg: Message, context: Context) -> Message:
                                   F_CLIPPED: float(clipped)}
         if aggregator == "ckks" and CKKSConfig.from_dict(options).sign:
             fields[F_IDENTITY_KEY] = _ckks_identity(context, parts.client_id).verify_key.raw.hex()
+        if dp is not None:
+            fields[F_DP] = json.dumps(dp.record(t, result), sort_keys=True)
         return _reply(msg, fields)
     except FedCoLLMSecureError as exc:
         return _refuse(msg, exc)
+
+
+class _DPSGD:
+    """This node's DP-SGD: its plan for the round and its own accountant, which persists in
+    the node's ``dp-state-file`` (across runs) or else in ``Context.state`` (this run). The
+    client, not the server, decides whether a round fits its budget."""
+
+    def __init__(self, cfg: FedCoLLMConfig, context: Context, parts: _ClientParts) -> None:
+        from ...privacy.accountant import ClientAccountant
+        from ...privacy.federation import load_accountant, plan_dpsgd
+
+        dp = cfg.privacy.dpsgd
+        if dp is None:
+            raise ConfigError("privacy.dpsgd is not configured")
+        self.context, self.settings = context, dp
+        path = node_string(context.node_config, NODE_DP_STATE)
+        self.path = Path(path) if path else None
+        saved = context.state.config_records.get(DP_RECORD)
+        if self.path is None and saved is not None:
+            self.accountant = ClientAccountant.from_json(json.loads(str(saved["accountant"])))
+            if self.accountant.client_id != parts.client_id:
+                raise ConfigError("the saved DP-SGD accountant belongs to another client")
+        else:
+            self.accountant = load_accountant(dp, parts.client_id, self.path)
+        self.plan = plan_dpsgd(dp, n_examples=parts.n_examples,
+                               batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
+                               max_steps=cfg.train.max_steps, rounds=cfg.rounds)
+        self.args = (self.plan[0], dp.max_grad_norm)
+
+    def admit(self) -> None:
+        sigma, q, steps = self.plan
+        self.accountant.check(sigma, q, steps)
+
+    def record(self, t: int, result: Any) -> dict[str, Any]:
+        """Step the accountant by what round ``t`` ran; save it; the report for the server."""
+        sigma = float(getattr(result, "noise_multiplier", self.plan[0]))
+        q = float(getattr(result, "sample_rate", self.plan[1]))
+        self.accountant.record(sigma, q, int(result.steps), round_=t)
+        state = self.accountant.to_json()
+        if self.path is not None:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(state, indent=1) + "\n")
+            tmp.replace(self.path)
+        else:
+            self.context.state.config_records[DP_RECORD] = ConfigRecord(
+                {"accountant": json.dumps(state, sort_keys=True)})
+        return {"noise_multiplier": sigma, "sample_rate": q, "steps": int(result.steps),
+                "max_grad_norm": self.settings.max_grad_norm, "delta": self.settings.delta,
+                "accountant": self.settings.accountant,
+                "epsilon": self.accountant.epsilon(), "budget": self.accountant.budget}
 
 
 def _trust(context: Context) -> dict[str, Any]:

@@ -52,6 +52,7 @@ NODE_ALLOW_LIST = "allow-list"  # identity.AllowList JSON: pinned keys of the ot
 NODE_AUTHORITY_KEY = "ckks-authority-key"  # client: the key authority's public key, hex
 NODE_DECRYPTION_LOG = "ckks-decryption-log"  # key authority: JSONL file, one line per decryption
 NODE_MIN_THRESHOLD = "ckks-min-threshold"  # key authority: its own floor on contributors
+NODE_DP_STATE = "dp-state-file"  # client: its DP-SGD accountant (JSON), kept across runs
 
 
 @dataclasses.dataclass(frozen=True)

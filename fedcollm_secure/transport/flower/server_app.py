@@ -38,7 +38,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ...crypto.randomness import default_random
 from ...crypto.signatures import VerifyKey
-from ...errors import ConfigError, TransportTimeout
+from ...errors import ConfigError, PrivacyBudgetError, TransportTimeout
 from ...secagg import SecureSumResult, TensorSpec, get_aggregator
 from ...secagg.base import ServerWorkflow
 from ...secagg.ckks import CKKSConfig, CKKSServer
@@ -49,6 +49,7 @@ from .channel import (
     F_CLIENT_ID,
     F_CLIENT_KEYS,
     F_CLIPPED,
+    F_DP,
     F_ERROR,
     F_IDENTITY_KEY,
     F_LOSS,
@@ -96,9 +97,10 @@ class FlowerFedCoLLM:
 
         self.config = fedcollm_config(run_config)
         self.settings: FlowerSettings = flower_settings(run_config)
-        if self.config.privacy.dpsgd_on or self.config.privacy.ddp_on:
-            raise ConfigError("privacy (DP-SGD / distributed DP) is not wired into the Flower "
-                              "transport yet; run it in process")
+        if self.config.privacy.ddp_on:
+            raise ConfigError("distributed DP is not wired into the Flower transport yet; "
+                              "run it in process")
+        self.stopped: str | None = None  # why a DP-SGD budget ended the run early
         self.out = Path(self.settings.output_dir) if self.settings.output_dir else None
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +137,12 @@ class FlowerFedCoLLM:
         nodes = wait_for_nodes(grid, self.settings.min_nodes, self.settings.node_wait_timeout)
         self._event(event="nodes", nodes=len(nodes))
         for t in range(1, self.config.rounds + 1):
-            self.history.append(self.run_round(grid, t))
+            try:
+                self.history.append(self.run_round(grid, t))
+            except PrivacyBudgetError as exc:  # nodes refused round t for their budget
+                self.stopped = f"round {t}: {exc}"
+                self._event(event="stopped", round=t, reason=self.stopped)
+                break
         self._event(event="done", rounds=len(self.history))
         return self.history
 
@@ -168,11 +175,16 @@ class FlowerFedCoLLM:
                 missing[node] = "refused: " + str(rec.get(
                     F_ERROR, "bad or duplicate client id / weight"))
                 continue
+            dp = _dp_report(rec.get(F_DP)) if self.config.privacy.dpsgd_on else None
+            if self.config.privacy.dpsgd_on and dp is None:
+                missing[node] = "refused: a DP-SGD run needs the node's privacy report"
+                continue
             admitted[cid] = node
             reports[cid] = {"node": node, "weight": weight, "n_examples": rec.get(F_N_EXAMPLES),
                             "loss": rec.get(F_LOSS), "steps": rec.get(F_STEPS),
                             "clipped": rec.get(F_CLIPPED),
-                            "identity_key": rec.get(F_IDENTITY_KEY)}
+                            "identity_key": rec.get(F_IDENTITY_KEY),
+                            **({"dp": dp} if dp is not None else {})}
         return admitted, reports, missing
 
     def run_round(self, grid: Grid, t: int) -> dict[str, Any]:
@@ -192,6 +204,10 @@ class FlowerFedCoLLM:
         seconds["clients"] = time.perf_counter() - start
         self._event(event="stage", round=t, stage=TRAIN, received=len(admitted),
                     missing={str(k): v for k, v in missing.items()})
+        over_budget = {str(k): v for k, v in missing.items()
+                       if v.startswith(f"refused: {PrivacyBudgetError.__name__}")}
+        if over_budget and (cfg.privacy.on_budget_exceeded == "stop" or not admitted):
+            raise PrivacyBudgetError(f"DP-SGD budget exhausted on nodes {over_budget}")
 
         start = time.perf_counter()
         options = cfg.resolved_aggregator_options()
@@ -261,6 +277,9 @@ class FlowerFedCoLLM:
         }
         if ckks_view:
             record["ckks"] = ckks_view
+        if cfg.privacy.dpsgd_on:
+            record["privacy"] = {"dpsgd": {cid: r["dp"] for cid, r in reports.items()},
+                                 "refused": over_budget}
         self._save_round(t, result, record)
         self._event(event="round", round=t, survivors=len(result.survivors),
                     dropped=dict(result.dropped), late_dropouts=record["late_dropouts"])
@@ -314,6 +333,30 @@ class FlowerFedCoLLM:
                                        "is_private": bool(ctx.is_private()),
                                        "has_galois_keys": bool(ctx.has_galois_keys())},
                 "authority_seconds": dict(workflow.authority_seconds)}
+
+
+_DP_NUMBERS = ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "epsilon")
+
+
+def _dp_report(raw: Any) -> dict[str, Any] | None:
+    """A node's DP-SGD report (JSON), checked; None when absent or malformed."""
+    if not isinstance(raw, str) or len(raw) > 4096:
+        return None
+    try:
+        rep = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(rep, dict) or not all(
+            isinstance(rep.get(k), (int, float)) and not isinstance(rep.get(k), bool)
+            and math.isfinite(rep[k]) and rep[k] >= 0 for k in _DP_NUMBERS):
+        return None
+    steps, budget = rep.get("steps"), rep.get("budget")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        return None
+    if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+        return None
+    return {k: rep[k] for k in (*_DP_NUMBERS, "steps", "budget", "accountant")
+            if k in rep}
 
 
 @app.main()
