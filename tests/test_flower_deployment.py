@@ -299,3 +299,87 @@ def test_the_server_accepts_only_well_formed_dpsgd_reports() -> None:
                 json.dumps({k: v for k, v in good.items() if k != "delta"}),
                 json.dumps({**good, "pad": "x" * 5000})):
         assert _dp_report(bad) is None, bad
+
+
+def test_distributed_dp_on_a_loopback_deployment_sums_noised_integers(
+        tmp_path: Path, watchdog: threading.Event) -> None:
+    """Distributed DP over Flower: every node resolves the run's parameters itself, clips,
+    rounds and noises its own delta, and masking sums the integers exactly. The decoded sum
+    differs from the in-process sum of the clipped deltas by the provisioned noise of three
+    clients (its empirical variance is checked) and nothing else."""
+    import torch
+
+    from fedcollm_secure.cotuning import engine as engine_mod
+    from fedcollm_secure.cotuning.models import save_tiny_model
+    from fedcollm_secure.cotuning.trainer import client_update
+    from fedcollm_secure.privacy.ddp import exact_variance
+    from fedcollm_secure.transport.flower.config import fedcollm_config
+
+    models = tmp_path / "models"
+    save_tiny_model(models / "llm", "llama", seed=3, hidden=48, layers=2)
+    save_tiny_model(models / "slm", "llama", seed=4, hidden=32, layers=1)
+    out = tmp_path / "out"
+    run_config = tiny_run_config(models, out, overrides={
+        **TEST_TIMEOUTS, "fedcollm.privacy.ddp.clip": 0.05,
+        "fedcollm.privacy.ddp.noise_multiplier": 0.8, "fedcollm.privacy.ddp.min_survivors": 2})
+    write_app(tmp_path / "app", run_config)
+    fed = LoopbackFederation(3, tmp_path / "fed", bin_dir=BIN)
+    try:
+        fed.start()
+        submitted = fed.run_app(tmp_path / "app")
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        while not any(e.get("event") == "done" for e in progress(out)):
+            if watchdog.is_set():
+                pytest.fail(f"no result within {TEST_BUDGET_S:g} s; events: {progress(out)}; "
+                            f"logs in {fed.logs}")
+            if fed.superlink is not None and fed.superlink.poll() is not None:
+                pytest.fail(f"the SuperLink exited; logs in {fed.logs}")
+            time.sleep(0.05)
+    finally:
+        fed.stop()
+
+    record = json.loads((out / "rounds.json").read_text())[0]
+    ddp = record["privacy"]["ddp"]
+    assert ddp["survivors"] == 3 and ddp["releases"] == 1 and ddp["privacy_unit"] == "client"
+    assert 0 < ddp["epsilon_cumulative"] == ddp["epsilon_round"] < float("inf")
+    assert ddp["params"]["noise_multiplier"] == pytest.approx(0.8)
+    assert record["weight_total"] == 3.0
+    assert set(record["clients"]) == {"client-0", "client-1", "client-2"}
+    assert all(r["ddp"]["sigma"] == ddp["params"]["sigma"] for r in record["clients"].values())
+
+    # the same round in process: the engine's shards, trainer and seeds, clipped in L2
+    cfg = fedcollm_config(run_config)
+    eng = engine_mod.FedCoLLM(cfg)
+    theta = update_from_bytes((out / "round-1" / "theta.safetensors").read_bytes())
+    theta_t = {n: torch.from_numpy(v.copy()) for n, v in theta.items()}
+    names = sorted(theta)
+    exact = np.zeros(sum(theta[n].size for n in names))
+    for k, features in enumerate(eng.client_features):
+        delta, _ = client_update(eng.slm, eng.tokenizer, theta_t, features, cfg.train,
+                                 seed=engine_mod._seed(cfg.seed, 1, k))
+        x = np.concatenate([delta[n].double().numpy().ravel() for n in names])
+        exact += x * min(1.0, 0.05 / float(np.linalg.norm(x)))
+    got = update_from_bytes((out / "round-1" / "sum.safetensors").read_bytes())
+    flat = np.concatenate([got[n].astype(np.float64).ravel() for n in names])
+    noise = (flat - exact) / ddp["params"]["granularity"]  # integer units
+    provisioned = 3 * float(exact_variance(ddp["params"]["sigma"]))
+    ratio = float(np.var(noise)) / provisioned
+    assert 0.8 < ratio < 1.2, (ratio, noise.size)
+    assert abs(float(np.mean(noise))) < 5 * np.sqrt(provisioned / noise.size)
+
+
+def test_integer_updates_travel_exactly_and_ddp_reports_are_checked() -> None:
+    from fedcollm_secure.transport.flower.replay import update_to_bytes
+    from fedcollm_secure.transport.flower.server_app import _ddp_report
+
+    ints = np.array([-(1 << 40) - 1, 0, 7, (1 << 40) + 3], dtype=np.int64)
+    back = update_from_bytes(update_to_bytes({"ddp": ints, "w": np.ones(2)}))
+    assert back["ddp"].dtype == np.int64 and np.array_equal(back["ddp"], ints)
+    assert back["w"].dtype == np.float32
+    good = {"clipped": True, "norm": 0.3, "out_of_range": 0, "sigma": 12.5,
+            "noise_multiplier": 0.8}
+    assert _ddp_report(json.dumps(good)) == good
+    for bad in (None, "{}", json.dumps({**good, "clipped": 1}),
+                json.dumps({**good, "out_of_range": -1}), json.dumps({**good, "sigma": "x"}),
+                json.dumps({**good, "norm": float("inf")})):
+        assert _ddp_report(bad) is None, bad

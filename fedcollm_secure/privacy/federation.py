@@ -24,11 +24,12 @@ from ..crypto.randomness import RandomSource
 from ..errors import ConfigError, PrivacyBudgetError, ThresholdError
 from ..secagg import SecureSumResult, TensorSpec
 from .accountant import ClientAccountant, compute_epsilon, noise_for_epsilon
-from .config import DPSGDSettings, PrivacySettings
+from .config import DDPSettings, DPSGDSettings, PrivacySettings
 from .ddp import DDPParams, decode_sum, encode_update, secure_integer_sum
 from .ledger import PrivacyLedger, library_versions
 
-__all__ = ["PrivacyController", "load_accountant", "plan_dpsgd"]
+__all__ = ["PrivacyController", "ddp_masking_options", "ddp_params", "load_accountant",
+           "plan_dpsgd"]
 
 log = logging.getLogger("fedcollm_secure.privacy")
 
@@ -67,6 +68,30 @@ def load_accountant(dp: DPSGDSettings, client_id: str, path: Path | None) -> Cli
                             budget=dp.budget)
 
 
+def ddp_params(ddp: DDPSettings, *, dim: int, n_clients: int, threshold: int | None,
+               rounds: int) -> DDPParams:
+    """A run's distributed-DP parameters. Deterministic in its arguments, so the server and
+    every client resolve the same ones from the same configuration."""
+    m = ddp.min_survivors or threshold or max(2, n_clients // 2 + 1)
+    if m > n_clients:
+        raise ConfigError(f"privacy.ddp.min_survivors {m} exceeds the {n_clients} clients")
+    if ddp.target_epsilon is not None:
+        return DDPParams.for_target(ddp, dim=dim, min_survivors=m, max_clients=n_clients,
+                                    rounds=rounds, target_epsilon=ddp.target_epsilon)
+    if ddp.noise_multiplier is None:
+        raise ConfigError("ddp needs noise_multiplier or target_epsilon")
+    return DDPParams.build(ddp, dim=dim, min_survivors=m, max_clients=n_clients,
+                           noise_multiplier=ddp.noise_multiplier)
+
+
+def ddp_masking_options(params: DDPParams) -> dict[str, Any]:
+    """Masking options that sum distributed-DP integer vectors exactly: the quantiser is the
+    identity (clip and levels both ``bound``), and clients refuse a round whose threshold is
+    below the minimum number of survivors the noise was sized for."""
+    return {"clip": float(params.bound), "levels": int(params.bound),
+            "ring_bits": params.ring_bits, "min_threshold": params.min_survivors}
+
+
 class PrivacyController:
     """The privacy side of one run (see the module docstring).
 
@@ -98,19 +123,8 @@ class PrivacyController:
         self.ddp_releases = 0
         ddp = settings.ddp
         if settings.ddp_on and ddp is not None:
-            n = len(self.client_ids)
-            m = ddp.min_survivors or threshold or max(2, n // 2 + 1)
-            if m > n:
-                raise ConfigError(f"privacy.ddp.min_survivors {m} exceeds the {n} clients")
-            if ddp.target_epsilon is not None:
-                self.ddp = DDPParams.for_target(ddp, dim=dim, min_survivors=m, max_clients=n,
-                                                rounds=rounds,
-                                                target_epsilon=ddp.target_epsilon)
-            else:
-                if ddp.noise_multiplier is None:
-                    raise ConfigError("ddp needs noise_multiplier or target_epsilon")
-                self.ddp = DDPParams.build(ddp, dim=dim, min_survivors=m, max_clients=n,
-                                           noise_multiplier=ddp.noise_multiplier)
+            self.ddp = ddp_params(ddp, dim=dim, n_clients=len(self.client_ids),
+                                  threshold=threshold, rounds=rounds)
             self.ddp_target = ddp.target_epsilon
 
     # --- DP-SGD ---------------------------------------------------------------------------

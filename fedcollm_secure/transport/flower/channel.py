@@ -42,6 +42,7 @@ F_LOSS = "loss"
 F_STEPS = "steps"
 F_CLIPPED = "clipped"
 F_DP = "dp"  # train reply with DP-SGD: JSON {noise_multiplier, sample_rate, steps, epsilon, ...}
+F_DDP = "ddp"  # train reply with distributed DP: JSON {clipped, norm, out_of_range, sigma, ...}
 F_ROLE = "role"  # train reply of a node that is not a client (e.g. "key-authority")
 F_AUTHORITY_KEY = "authority_key"  # the ckks key authority's Ed25519 public key, hex
 F_IDENTITY_KEY = "identity_key"  # a ckks client's Ed25519 public key, hex (train reply)

@@ -6,7 +6,8 @@ Handlers (message types sent by :mod:`.server_app`):
   :func:`~fedcollm_secure.cotuning.trainer.client_update` (the in-process trainer, the same
   per-client seed), keep the delta in the node's ``Context.state`` and report the weight.
   With DP-SGD the node first checks its own accountant (node config ``dp-state-file``, else
-  ``Context.state``), trains with Opacus and reports what it spent;
+  ``Context.state``), trains with Opacus and reports what it spent; with distributed DP it
+  clips, rounds and noises its delta itself and masking sums the integers;
 * ``query.<stage>`` for every stage of every registered aggregator: hand the envelope bytes
   to this round's :class:`~fedcollm_secure.secagg.base.ClientEndpoint` (rebuilt by
   :mod:`.replay`) and return its reply bytes. For ``ckks`` the endpoint gets the node's
@@ -47,6 +48,7 @@ from .channel import (
     F_CLIENT_ID,
     F_CLIENT_KEYS,
     F_CLIPPED,
+    F_DDP,
     F_DP,
     F_ERROR,
     F_LOSS,
@@ -204,9 +206,8 @@ def train(msg: Message, context: Context) -> Message:
     try:
         aggregator = _check_aggregator(context)
         cfg = fedcollm_config(context.run_config)
-        if cfg.privacy.ddp_on:
-            raise ConfigError("distributed DP is not wired into the Flower transport yet; "
-                              "run it in process")
+        if cfg.privacy.ddp_on and aggregator != "masking":
+            raise ConfigError("distributed DP runs on top of the masking aggregator")
         rec = _incoming(msg)
         t = int(rec[F_ROUND])  # type: ignore[arg-type]
         theta_bytes = rec[F_THETA]
@@ -226,16 +227,20 @@ def train(msg: Message, context: Context) -> Message:
                                       cfg.train, seed=_seed(cfg.seed, t, parts.index),
                                       dp=None if dp is None else dp.args)
         options = cfg.resolved_aggregator_options()
-        clip = options.get("clip") if aggregator == "masking" else None
+        update = {n: delta[n].numpy() for n in sorted(delta)}
+        ddp: dict[str, Any] | None = None
+        if cfg.privacy.ddp_on:  # clip, scale, round and noise here; masking sums integers
+            update, ddp_options, ddp = _ddp_encode(cfg, update)
+            options.update(ddp_options)
+        clip = options.get("clip") if aggregator == "masking" and ddp is None else None
         clipped = 0.0
         if isinstance(clip, (int, float)):
             over = sum(int((v.abs() > clip).sum()) for v in delta.values())
             clipped = over / max(1, sum(v.numel() for v in delta.values()))
-        weight = float(parts.n_examples) if cfg.weighting == "examples" else 1.0
+        weight = float(parts.n_examples) if cfg.weighting == "examples" and ddp is None else 1.0
         state = EndpointState(
             round=t, client_id=parts.client_id, aggregator=aggregator, options=options,
-            update=update_to_bytes({n: delta[n].numpy() for n in sorted(delta)}),
-            weight=weight, key=KeystreamRandom.new_key())
+            update=update_to_bytes(update), weight=weight, key=KeystreamRandom.new_key())
         context.state.config_records[STATE_RECORD] = ConfigRecord(state.to_record())
         fields: dict[str, Any] = {F_CLIENT_ID: parts.client_id, F_WEIGHT: weight,
                                   F_N_EXAMPLES: parts.n_examples,
@@ -245,9 +250,32 @@ def train(msg: Message, context: Context) -> Message:
             fields[F_IDENTITY_KEY] = _ckks_identity(context, parts.client_id).verify_key.raw.hex()
         if dp is not None:
             fields[F_DP] = json.dumps(dp.record(t, result), sort_keys=True)
+        if ddp is not None:
+            fields[F_DDP] = json.dumps(ddp, sort_keys=True)
         return _reply(msg, fields)
     except FedCoLLMSecureError as exc:
         return _refuse(msg, exc)
+
+
+def _ddp_encode(cfg: FedCoLLMConfig, update: dict[str, Any],
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Distributed DP on this node: the run's parameters, resolved here from the run config
+    exactly as the server resolves them; this node's delta clipped, scaled, rounded and
+    noised with its own CSPRNG. Returns (integer update, masking options, report)."""
+    from ...privacy.ddp import encode_update
+    from ...privacy.federation import ddp_masking_options, ddp_params
+    from ...secagg import TensorSpec
+
+    if cfg.privacy.ddp is None:
+        raise ConfigError("privacy.ddp is not configured")
+    spec = TensorSpec.of(update)
+    params = ddp_params(cfg.privacy.ddp, dim=spec.size, n_clients=cfg.n_clients,
+                        threshold=cfg.threshold, rounds=cfg.rounds)
+    encoded = encode_update(update, params, spec)
+    return ({"ddp": encoded.vector}, ddp_masking_options(params),
+            {"clipped": bool(encoded.clipped), "norm": float(encoded.norm),
+             "out_of_range": int(encoded.out_of_range), "sigma": params.sigma,
+             "noise_multiplier": params.noise_multiplier})
 
 
 class _DPSGD:

@@ -65,8 +65,11 @@ class KeystreamRandom:
 
 
 def update_to_bytes(update: Mapping[str, np.ndarray]) -> bytes:
-    """Named float32 arrays as safetensors bytes (no pickle)."""
-    return st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in update.items()})
+    """Named arrays as safetensors bytes (no pickle): float32, or int64 for integer arrays
+    (distributed DP's integer vectors must stay exact)."""
+    return st_save({k: np.ascontiguousarray(
+        v, dtype=np.int64 if np.asarray(v).dtype.kind in "iu" else np.float32)
+        for k, v in update.items()})
 
 
 def update_from_bytes(data: bytes) -> dict[str, np.ndarray]:

@@ -49,6 +49,7 @@ from .channel import (
     F_CLIENT_ID,
     F_CLIENT_KEYS,
     F_CLIPPED,
+    F_DDP,
     F_DP,
     F_ERROR,
     F_IDENTITY_KEY,
@@ -97,10 +98,10 @@ class FlowerFedCoLLM:
 
         self.config = fedcollm_config(run_config)
         self.settings: FlowerSettings = flower_settings(run_config)
-        if self.config.privacy.ddp_on:
-            raise ConfigError("distributed DP is not wired into the Flower transport yet; "
-                              "run it in process")
-        self.stopped: str | None = None  # why a DP-SGD budget ended the run early
+        if self.config.privacy.ddp_on and self.config.aggregator != "masking":
+            raise ConfigError("distributed DP runs on top of the masking aggregator")
+        self.stopped: str | None = None  # why a privacy budget ended the run early
+        self.ddp_releases = 0  # distributed-DP sums released so far
         self.out = Path(self.settings.output_dir) if self.settings.output_dir else None
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -124,11 +125,11 @@ class FlowerFedCoLLM:
         tmp.write_bytes(update_to_bytes(theta))
         tmp.replace(d / "theta.safetensors")
 
-    def _save_round(self, t: int, result: SecureSumResult, record: dict[str, Any]) -> None:
+    def _save_round(self, t: int, sums: dict[str, np.ndarray], record: dict[str, Any]) -> None:
         if self.out is None:
             return
         d = self.out / f"round-{t}"
-        (d / "sum.safetensors").write_bytes(update_to_bytes(result.sum))
+        (d / "sum.safetensors").write_bytes(update_to_bytes(sums))
         (self.out / "rounds.json").write_text(json.dumps([*self.history, record], indent=1,
                                                         default=str))
 
@@ -175,6 +176,10 @@ class FlowerFedCoLLM:
                 missing[node] = "refused: " + str(rec.get(
                     F_ERROR, "bad or duplicate client id / weight"))
                 continue
+            ddp = _ddp_report(rec.get(F_DDP)) if self.config.privacy.ddp_on else None
+            if self.config.privacy.ddp_on and ddp is None:
+                missing[node] = "refused: a distributed-DP run needs the node's report"
+                continue
             dp = _dp_report(rec.get(F_DP)) if self.config.privacy.dpsgd_on else None
             if self.config.privacy.dpsgd_on and dp is None:
                 missing[node] = "refused: a DP-SGD run needs the node's privacy report"
@@ -184,7 +189,8 @@ class FlowerFedCoLLM:
                             "loss": rec.get(F_LOSS), "steps": rec.get(F_STEPS),
                             "clipped": rec.get(F_CLIPPED),
                             "identity_key": rec.get(F_IDENTITY_KEY),
-                            **({"dp": dp} if dp is not None else {})}
+                            **({"dp": dp} if dp is not None else {}),
+                            **({"ddp": ddp} if ddp is not None else {})}
         return admitted, reports, missing
 
     def run_round(self, grid: Grid, t: int) -> dict[str, Any]:
@@ -198,6 +204,7 @@ class FlowerFedCoLLM:
         theta_np = {n: v.numpy() for n, v in sorted(theta_t.items())}
 
         self._save_theta(t, theta_np)
+        ddp = self._ddp_params(theta_np)  # checked before any node trains
         start = time.perf_counter()
         self._event(event="stage", round=t, stage=TRAIN, phase="sent")
         admitted, reports, missing = self._train(grid, t, theta_np)
@@ -208,17 +215,28 @@ class FlowerFedCoLLM:
                        if v.startswith(f"refused: {PrivacyBudgetError.__name__}")}
         if over_budget and (cfg.privacy.on_budget_exceeded == "stop" or not admitted):
             raise PrivacyBudgetError(f"DP-SGD budget exhausted on nodes {over_budget}")
+        if ddp is not None and not ddp.min_survivors <= len(admitted) <= ddp.max_clients:
+            raise PrivacyBudgetError(
+                f"{len(admitted)} clients trained; distributed DP was sized for "
+                f"{ddp.min_survivors} to {ddp.max_clients}")
 
         start = time.perf_counter()
         options = cfg.resolved_aggregator_options()
         weighted = cfg.weighting == "examples"
         fields: dict[str, Any] = {F_PROTOCOL_ROUND: t}
+        if ddp is not None:  # unweighted integer sums with the identity quantiser
+            from ...privacy.federation import ddp_masking_options
+
+            options.update(ddp_masking_options(ddp))
+            weighted = False
         if weighted and cfg.aggregator == "masking" and "max_weight" not in options and reports:
             options["max_weight"] = max(max(r["weight"] for r in reports.values()), 1e-12)
             fields[F_MAX_WEIGHT] = float(options["max_weight"])
         session = default_random().bytes(16)
         fields[F_SESSION] = session
         spec = TensorSpec.of(theta_np)
+        wire_spec = spec if ddp is None else TensorSpec.of(
+            {"ddp": np.zeros(spec.size, dtype=np.int64)})
         channel = FlowerChannel(grid, admitted, round_=t, timeout=settings.timeout,
                                 fields=fields, poll_interval=settings.poll_interval)
         ckks_view: dict[str, Any] = {}
@@ -228,8 +246,10 @@ class FlowerFedCoLLM:
                                            ckks_view)
         else:  # the in-process aggregator's workflow (for ckks it would hold the authority)
             aggregator = get_aggregator(cfg.aggregator, **options)
-            workflow = aggregator.server(sorted(admitted), spec, threshold=cfg.threshold,
-                                         weighted=weighted, session=session, round_=t)
+            workflow = aggregator.server(
+                sorted(admitted), wire_spec,
+                threshold=cfg.threshold if ddp is None else ddp.min_survivors,
+                weighted=weighted, session=session, round_=t)
 
         def progress(stage: str, sent: int, received: int) -> None:
             self._event(event="stage", round=t, stage=stage, sent=sent, received=received)
@@ -240,8 +260,9 @@ class FlowerFedCoLLM:
         if not result.weight_total > 0:
             raise ConfigError("the surviving clients' weights sum to zero")
         shapes = {n: tuple(v.shape) for n, v in theta_t.items()}
+        mean_np = result.mean() if ddp is None else self._ddp_mean(result, ddp, spec)
         mean = {n: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).reshape(shapes[n])
-                for n, v in result.mean().items()}
+                for n, v in mean_np.items()}
         validate_state(mean, shapes, what="aggregated mean delta")
         seconds["aggregate"] = time.perf_counter() - start
 
@@ -280,11 +301,57 @@ class FlowerFedCoLLM:
         if cfg.privacy.dpsgd_on:
             record["privacy"] = {"dpsgd": {cid: r["dp"] for cid, r in reports.items()},
                                  "refused": over_budget}
-        self._save_round(t, result, record)
+        if ddp is not None:
+            clipped = [bool(r["ddp"]["clipped"]) for r in reports.values()
+                       if isinstance(r.get("ddp"), dict)]
+            record.setdefault("privacy", {})["ddp"] = {
+                "privacy_unit": "client", "adjacency": "add/remove one client's whole update",
+                "params": ddp.to_json(), "survivors": len(result.survivors),
+                "clipped_fraction": sum(clipped) / len(clipped) if clipped else 0.0,
+                "epsilon_round": ddp.epsilon(1),
+                "epsilon_cumulative": ddp.epsilon(self.ddp_releases),
+                "releases": self.ddp_releases, "delta": ddp.delta_total}
+        self._save_round(t, result.sum if ddp is None else {  # the decoded (noisy) sum
+            n: v * result.weight_total for n, v in mean_np.items()}, record)
         self._event(event="round", round=t, survivors=len(result.survivors),
                     dropped=dict(result.dropped), late_dropouts=record["late_dropouts"])
         return record
 
+
+    # --- distributed DP ------------------------------------------------------------------------
+    def _ddp_params(self, theta: dict[str, np.ndarray]) -> Any:
+        """The run's distributed-DP parameters (None without it), resolved from the run config
+        as every node resolves them; raises :class:`PrivacyBudgetError` when another release
+        would exceed the target epsilon."""
+        cfg = self.config
+        if not cfg.privacy.ddp_on or cfg.privacy.ddp is None:
+            return None
+        from ...privacy.federation import ddp_params
+
+        params = ddp_params(cfg.privacy.ddp, dim=TensorSpec.of(theta).size,
+                            n_clients=cfg.n_clients, threshold=cfg.threshold,
+                            rounds=cfg.rounds)
+        target = cfg.privacy.ddp.target_epsilon
+        if target is not None and params.epsilon(self.ddp_releases + 1) > target * (1 + 1e-9):
+            raise PrivacyBudgetError(f"another distributed-DP release would exceed epsilon "
+                                     f"{target}")
+        return params
+
+    def _ddp_mean(self, result: SecureSumResult, params: Any,
+                  spec: TensorSpec) -> dict[str, np.ndarray]:
+        """The survivors' mean delta from masking's exact integer sum."""
+        from ...errors import QuantizationError
+        from ...privacy.ddp import decode_sum
+
+        total = np.asarray(result.sum["ddp"], dtype=np.float64)
+        ints = np.rint(total)
+        if not np.all(np.abs(total - ints) < 1e-3):
+            raise QuantizationError("masking returned a non-integer sum; the integer path broke")
+        n = len(result.survivors)
+        self.ddp_releases += 1
+        result.weight_total = float(n)
+        return {name: v / n for name, v in decode_sum(ints.astype(np.int64), params,
+                                                       spec).items()}
 
     # --- ckks: the key authority is another node --------------------------------------------
     def _ckks_workflow(self, channel: FlowerChannel, reports: dict[str, dict[str, Any]],
@@ -357,6 +424,26 @@ def _dp_report(raw: Any) -> dict[str, Any] | None:
         return None
     return {k: rep[k] for k in (*_DP_NUMBERS, "steps", "budget", "accountant")
             if k in rep}
+
+
+def _ddp_report(raw: Any) -> dict[str, Any] | None:
+    """A node's distributed-DP report (JSON), checked; None when absent or malformed."""
+    if not isinstance(raw, str) or len(raw) > 4096:
+        return None
+    try:
+        rep = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(rep, dict) or not isinstance(rep.get("clipped"), bool):
+        return None
+    out = rep.get("out_of_range")
+    if not isinstance(out, int) or isinstance(out, bool) or out < 0:
+        return None
+    if not all(isinstance(rep.get(k), (int, float)) and not isinstance(rep.get(k), bool)
+               and math.isfinite(rep[k]) and rep[k] >= 0
+               for k in ("norm", "sigma", "noise_multiplier")):
+        return None
+    return {k: rep[k] for k in ("clipped", "norm", "out_of_range", "sigma", "noise_multiplier")}
 
 
 @app.main()
