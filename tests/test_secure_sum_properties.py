@@ -272,3 +272,21 @@ def test_specials_are_clipped_not_wrapped(make_rng: Any, sums: Any) -> None:
     # far beyond the clip must not leak through (1e6 would dominate any wrap-around)
     assert np.abs(result.sum["v"]).max() <= clip * len(result.survivors) + 1e-6
     assert result.sum["s"].shape == ()
+
+
+@pytest.mark.parametrize("ring_bits", [32, 48])
+def test_long_vectors_decode_piece_by_piece_into_the_result_buffer(ring_bits: int,
+                                                                   make_rng: Any,
+                                                                   sums: Any) -> None:
+    """Vectors of several keystream pieces (2^16 words each): the server decodes each unmasked
+    piece into the float64 result whose tail holds the running sum (32- and 64-bit words)."""
+    ids = ["a", "b", "c", "d", "e"]
+    shapes = {"w": (3, 70_001), "b": (5,)}  # 210,008 elements: four pieces, a short last one
+    updates = random_updates(shapes, ids, 2.0, 11)
+    result = secure_sum(updates, threshold=3, drop={"d": "unmask", "c": "masked_input"},
+                        rng=make_rng(11), clip=2.0, ring_bits=ring_bits)
+    expected = sums.expected(updates, result.survivors, clip=2.0, weights=None)
+    assert sums.diff(result.sum, expected) <= result.stats["params"]["error_bound"]
+    assert sorted(result.survivors) == ["a", "b", "d", "e"]
+    assert result.weight_total == pytest.approx(4)
+    assert {n: v.shape for n, v in result.sum.items()} == shapes

@@ -318,9 +318,9 @@ class MaskingServer(ServerWorkflow):
         signed = memoryview(env.signed_bytes).cast("B")
         body_at = signed.nbytes - vec.nbytes
         mac.update(signed[:body_at])
-        first = self.masked_sum is None
-        acc = self._accumulator(dtype.newbyteorder("=")) if first else self.masked_sum
-        assert acc is not None
+        acc, first = self.masked_sum, self.masked_sum is None
+        if acc is None:
+            acc = self._accumulator(dtype.newbyteorder("="))
         step = _SUM_CHUNK
         for start in range(0, self.length, step):
             mac.update(signed[body_at + start * dtype.itemsize:
