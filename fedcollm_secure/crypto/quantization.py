@@ -158,6 +158,10 @@ class QuantizationSpec:
             out = np.empty(r.shape, dtype=np.float64)
         elif out.shape != r.shape or out.dtype != np.float64:
             raise QuantizationError("output buffer must be float64 of the input's shape")
-        np.multiply(signed, self.clip, out=out)
-        out /= self.levels  # lift * clip / levels: exact for exactly representable results
+        # lift * clip / levels, in that order (exact for exactly representable results); the
+        # integer -> float64 conversion as its own pass is faster than a mixed-type multiply
+        # and converts the same way, so the values are identical
+        np.copyto(out, signed, casting="unsafe")
+        out *= self.clip
+        out /= self.levels
         return out
