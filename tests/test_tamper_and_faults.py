@@ -192,7 +192,7 @@ def test_bit_flip_in_an_advertised_key_is_rejected(field: str) -> None:
     plan = FaultPlan(tamper=[Tamper("c4", "advertise_keys", "reply", flip_bit(offset, bit))])
     result = completes_exactly_or_raises_typed(plan)
     assert result is not None
-    assert "SignatureError" in rejected_as(result, "c4", "advertise_keys")
+    assert "MacError" in rejected_as(result, "c4", "advertise_keys")
 
 
 # --- replay across rounds --------------------------------------------------------------------
@@ -367,13 +367,14 @@ def _edit_advertised(field: str, value: Any) -> Callable[[bytes], bytes]:
                                          ("max_weight", 2.0), ("ring_bits", 31),
                                          ("threshold", 4)])
 def test_altered_round_parameters_are_caught_not_summed(field: str, value: Any) -> None:
-    """Parameters are unsigned in the request but bound into each key bundle's signature: a
-    client that was told other parameters is rejected, and the sum stays exact."""
+    """Parameters are unauthenticated in the request, but each client returns the digest of
+    what it was told in its MACed advertise reply (and signs it into its key bundle for its
+    peers): a client that was told other parameters is rejected, and the sum stays exact."""
     plan = FaultPlan(tamper=[Tamper("c2", "advertise_keys", "request",
                                     _edit_advertised(field, value))])
     result = run(plan, threshold=3)
     reason = rejected_as(result, "c2", "advertise_keys")
-    assert "SignatureError" in reason
+    assert "PartyError" in reason and "other round parameters" in reason
     assert_exact(result)
 
 
@@ -408,5 +409,5 @@ def test_server_round_key_swapped_in_transit_is_caught_at_advertise() -> None:
     plan = FaultPlan(tamper=[Tamper("c3", "advertise_keys", "request",
                                     _edit_advertised("server_pk", other))])
     result = run(plan, threshold=3)
-    assert "SignatureError" in rejected_as(result, "c3", "advertise_keys")
+    assert "MacError" in rejected_as(result, "c3", "advertise_keys")
     assert_exact(result)

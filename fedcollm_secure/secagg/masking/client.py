@@ -59,6 +59,7 @@ from .messages import (
     F_MAX_WEIGHT,
     F_N_NODES,
     F_NEIGHBOURS,
+    F_PARAMS_HASH,
     F_RING_BITS,
     F_S_SHARES,
     F_SHARE_THRESHOLD,
@@ -178,12 +179,10 @@ class MaskingClient(ClientEndpoint):
 
     def _reply(self, stage: str, fields: dict[str, object],
                body: bytes | memoryview = b"") -> bytes:
-        """advertise_keys travels unsigned (its key bundle is signed); later replies carry a
-        one-time GMAC tag under a key only this client and the server can derive."""
+        """Every reply carries a one-time GMAC tag under a key only this client and the server
+        can derive (from this client's cipher key and the server's round key)."""
         env = envelope(stage, self.session or b"", self.round or 0, self.node, SERVER, fields,
                        body)
-        if stage == ADVERTISE_KEYS:
-            return env.encode()
         return env.encode(mac_key=self._mac_key(stage))
 
     def _mac_key(self, stage: str) -> bytes:
@@ -246,7 +245,8 @@ class MaskingClient(ClientEndpoint):
                                 self.mask_keys.public_bytes, sig_pk, bundle_sig)
         return self._reply(ADVERTISE_KEYS, {
             F_CIPHER_PK: b64(self.bundle.cipher_pk), F_MASK_PK: b64(self.bundle.mask_pk),
-            F_SIG_PK: b64(sig_pk), F_BUNDLE_SIG: b64(bundle_sig)})
+            F_SIG_PK: b64(sig_pk), F_BUNDLE_SIG: b64(bundle_sig),
+            F_PARAMS_HASH: b64(self.params_digest)})
 
     def _accept_checking(self, announced: bool) -> None:
         """The consistency stage runs iff announced; a client that requires it refuses a

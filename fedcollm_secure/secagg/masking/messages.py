@@ -52,6 +52,7 @@ F_CIPHER_PK = "cipher_pk"
 F_MASK_PK = "mask_pk"
 F_SIG_PK = "sig_pk"
 F_BUNDLE_SIG = "bundle_sig"
+F_PARAMS_HASH = "params_hash"
 F_BUNDLES = "bundles"
 F_SHARES = "shares"
 F_B_COMMIT = "b_commit"
@@ -155,10 +156,9 @@ def params_digest(fields: dict[str, object]) -> bytes:
 
 def client_mac_key(shared_secret: bytes, ctx: KdfContext, node: int, stage: str) -> bytes:
     """The one-time GMAC key of ``node``'s ``stage`` reply. ``shared_secret`` is the
-    X25519 secret of the node's cipher key and the server's round key; the cipher key is bound
-    to the node by its signed key bundle. Replies after advertise_keys are MACed, not signed:
-    GMAC is several times faster than BLAKE3 on a masked vector, and an Ed25519 check costs
-    more than everything else the server does per share_keys or unmask reply."""
+    X25519 secret of the node's cipher key and the server's round key. Client replies are
+    MACed, not signed: GMAC is several times faster than BLAKE3 on a masked vector, and an
+    Ed25519 check costs more than everything else the server does per reply."""
     return derive_key(shared_secret, ctx, purpose=f"{PURPOSE_CLIENT_MAC}/{stage}",
                       pair=(0, node))
 

@@ -59,6 +59,7 @@ from .messages import (
     F_MAX_WEIGHT,
     F_N_NODES,
     F_NEIGHBOURS,
+    F_PARAMS_HASH,
     F_RING_BITS,
     F_S_SHARES,
     F_SHARE_THRESHOLD,
@@ -221,14 +222,16 @@ class MaskingServer(ServerWorkflow):
             raise ProtocolError(f"client refused: {parse_error(env)}")
         env.expect(protocol=PROTOCOL, stage=stage, session=self.session, round_=self.round,
                    src=u, dst=SERVER)
-        # advertise_keys is authenticated by its bundle signature; the masked vector's MAC is
-        # checked while it is summed (_on_masked_input); every other reply here
+        # the advertise_keys MAC key comes from the cipher key the reply carries
+        # (_on_advertise_keys); the masked vector's MAC is checked while it is summed
+        # (_on_masked_input); every other reply here
         if stage not in (ADVERTISE_KEYS, MASKED_INPUT):
             env.verify_mac(self._mac_key(u, stage))
         return env
 
-    def _mac_key(self, u: int, stage: str) -> bytes:
-        return client_mac_key(self.shared[u], kdf_context(self.session, self.round), u, stage)
+    def _mac_key(self, u: int, stage: str, shared: bytes | None = None) -> bytes:
+        return client_mac_key(self.shared[u] if shared is None else shared,
+                              kdf_context(self.session, self.round), u, stage)
 
     def _require(self, count: int, what: str) -> None:
         if count < self.params.threshold:
@@ -260,17 +263,23 @@ class MaskingServer(ServerWorkflow):
                    if self.allow_list is not None else {})}
 
     def _on_advertise_keys(self, u: int, env: Envelope) -> None:
-        f = Fields(env, {F_CIPHER_PK, F_MASK_PK, F_SIG_PK, F_BUNDLE_SIG})
+        """The reply is MACed under a key from the cipher key it carries, so a changed key,
+        signature or parameter digest fails the MAC. The bundle signature is for the peers,
+        which check it against their own parameter digest (SPEC section 7.1); the server
+        compares the digest in clear, saving an Ed25519 verification per client."""
+        f = Fields(env, {F_CIPHER_PK, F_MASK_PK, F_SIG_PK, F_BUNDLE_SIG, F_PARAMS_HASH})
         bundle = KeyBundle(u, f.raw(F_CIPHER_PK, 32), f.raw(F_MASK_PK, 32), f.raw(F_SIG_PK, 32),
                            f.raw(F_BUNDLE_SIG, 64))
+        digest = f.raw(F_PARAMS_HASH, 32)
+        load_public_key(bundle.cipher_pk), load_public_key(bundle.mask_pk)
+        shared = agree(self.round_keys.private, bundle.cipher_pk)
+        env.verify_mac(self._mac_key(u, ADVERTISE_KEYS, shared))
+        if digest != self.params_digest:
+            raise PartyError("the client was announced other round parameters")
         if self.allow_list is not None:
             self.allow_list.require(self.ids[u], bundle.sig_pk)
-        VerifyKey(bundle.sig_pk).verify(bundle.signature, KeyBundle.signed_bytes(
-            self.session, self.round, u, bundle.cipher_pk, bundle.mask_pk, bundle.sig_pk,
-            self.params_digest))
-        load_public_key(bundle.cipher_pk), load_public_key(bundle.mask_pk)
         self.bundles[u] = bundle
-        self.shared[u] = agree(self.round_keys.private, bundle.cipher_pk)
+        self.shared[u] = shared
 
     def _after_advertise_keys(self) -> None:
         self._prune_isolated(SHARE_KEYS)

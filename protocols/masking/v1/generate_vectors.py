@@ -1030,10 +1030,6 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
     bundle_sig = base64.b64decode(adv_rep["fields"][M.F_BUNDLE_SIG])
     sign = {"op": "sign", "key": "sender"}
     mac = {"op": "mac", "key": "sender"}
-    c2 = clients0["c2"]
-    adv_bundle_msg = M.KeyBundle.signed_bytes(
-        sess, sc["round"], c2.node, c2.bundle.cipher_pk, c2.bundle.mask_pk, c2.bundle.sig_pk,
-        c2.params_digest)
 
     def setf(field: str, value: Any) -> dict[str, Any]:
         return {"op": "set", "path": ["fields", field], "value": value}
@@ -1210,11 +1206,17 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
          "WireFormatError"),
     ]
     server_cases: list[tuple[str, str, str, str, list[dict[str, Any]], str]] = [
-        ("srv-adv-bundle-signature", "bundle_sig with a flipped bit", ADV, "c2",
-         [setf(M.F_BUNDLE_SIG, _b64(_flip(bundle_sig, 0)))], "SignatureError"),
-        ("srv-adv-bundle-other-signer", "the bundle re-signed by c3 (sig_pk still c2's)", ADV,
-         "c2", [setf(M.F_BUNDLE_SIG, _b64(signers["c3"].sign(adv_bundle_msg)))],
-         "SignatureError"),
+        ("srv-adv-bundle-signature", "bundle_sig with a flipped bit (the reply's MAC covers "
+         "it)", ADV, "c2", [setf(M.F_BUNDLE_SIG, _b64(_flip(bundle_sig, 0)))], "MacError"),
+        ("srv-adv-unauthenticated", "advertise_keys reply without its MAC", ADV, "c2",
+         [{"op": "strip_trailer"}], "MacError"),
+        ("srv-adv-signed-not-maced", "advertise_keys reply signed by its sender instead of "
+         "MACed", ADV, "c2", [{"op": "strip_trailer"}, sign], "MacError"),
+        ("srv-adv-other-mac-key", "advertise_keys reply MACed with c3's key", ADV, "c2",
+         [{"op": "strip_trailer"}, {"op": "mac", "key": "c3"}], "MacError"),
+        ("srv-adv-params-hash", "the client reports the digest of other round parameters "
+         "(validly MACed: it was told them)", ADV, "c2",
+         [setf(M.F_PARAMS_HASH, _b64(bytes(32))), mac], "PartyError"),
         ("srv-adv-trailer", "64 stray bytes after the message", ADV, "c2",
          [{"op": "append", "hex": "00" * 64}], "WireFormatError"),
         ("srv-adv-key-size", "a 31-byte mask_pk", ADV, "c2",
