@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -19,6 +20,14 @@ def encode_fields(*fields: bytes) -> bytes:
     return b"".join(struct.pack(">I", len(f)) + f for f in fields)
 
 
+@functools.lru_cache(maxsize=64)
+def _salt(protocol: str, version: int, session: bytes) -> bytes:
+    """One SHA-256 per (protocol, version, session), not per derived key."""
+    return hashlib.sha256(
+        encode_fields(_SALT_LABEL, protocol.encode(), struct.pack(">I", version), session)
+    ).digest()
+
+
 @dataclass(frozen=True)
 class KdfContext:
     """Everything a derived key is bound to besides the input keying material."""
@@ -29,10 +38,7 @@ class KdfContext:
     round: int
 
     def salt(self) -> bytes:
-        return hashlib.sha256(
-            encode_fields(_SALT_LABEL, self.protocol.encode(), struct.pack(">I", self.version),
-                          self.session)
-        ).digest()
+        return _salt(self.protocol, self.version, bytes(self.session))
 
     def info(self, purpose: str, pair: tuple[int, int]) -> bytes:
         return encode_fields(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from hmac import compare_digest
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import KeyFormatError, MacError
 
@@ -50,18 +51,22 @@ class MacStream:
 
 def mac_tag(key: bytes, *parts: bytes | memoryview) -> bytes:
     """The 16-byte GMAC tag of the concatenation of ``parts`` under the one-time ``key``."""
+    nonempty = [p for p in parts if memoryview(p).nbytes]
+    if len(nonempty) <= 1:  # one-shot AES-GCM: the same tag, a third of the call overhead
+        data = memoryview(nonempty[0]).cast("B") if nonempty else b""
+        return AESGCM(_check_key(key)).encrypt(_NONCE, b"", data)
     stream = MacStream(key)
-    for part in parts:
+    for part in nonempty:
         stream.update(part)
     return stream.tag()
 
 
 def verify_mac(key: bytes, tag: bytes, *parts: bytes | memoryview) -> None:
     """Raise :class:`MacError` unless ``tag`` authenticates ``parts`` under ``key``."""
-    stream = MacStream(key)
-    for part in parts:
-        stream.update(part)
-    stream.verify(tag)
+    if len(tag) != MAC_TAG_SIZE:
+        raise MacError("MAC tag has the wrong length")
+    if not compare_digest(mac_tag(key, *parts), bytes(tag)):
+        raise MacError("MAC does not verify")
 
 
 __all__ = ["MAC_KEY_SIZE", "MAC_TAG_SIZE", "MacStream", "mac_tag", "verify_mac"]

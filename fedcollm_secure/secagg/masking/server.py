@@ -142,7 +142,10 @@ class MaskingServer(ServerWorkflow):
         self.bundles: dict[int, KeyBundle] = {}
         self.shared: dict[int, bytes] = {}  # X25519(server round key, node's cipher key)
         self.sent_bundles: dict[int, frozenset[int]] = {}
-        self.sealed: dict[int, dict[int, bytes]] = {}
+        # the sealed shares each node addressed to each peer, kept as the base64 text they
+        # arrived in (checked when they arrived) and forwarded as is
+        self.sealed: dict[int, dict[int, str]] = {}
+        self.bundle_text: dict[int, str] = {}  # base64 of each accepted bundle, forwarded
         self.commits: dict[int, bytes] = {}
         self.peers: dict[int, frozenset[int]] = {}
         self.masked_sum: np.ndarray | None = None  # running sum of the masked inputs (U3)
@@ -279,6 +282,7 @@ class MaskingServer(ServerWorkflow):
         if self.allow_list is not None:
             self.allow_list.require(self.ids[u], bundle.sig_pk)
         self.bundles[u] = bundle
+        self.bundle_text[u] = b64(bundle.to_bytes())
         self.shared[u] = shared
 
     def _after_advertise_keys(self) -> None:
@@ -289,15 +293,17 @@ class MaskingServer(ServerWorkflow):
     def _requests_share_keys(self, u: int) -> dict[str, object]:
         members = (self.graph[u] & self.active) | {u}
         self.sent_bundles[u] = members - {u}
-        return {F_BUNDLES: bytes_map({v: self.bundles[v].to_bytes() for v in members})}
+        return {F_BUNDLES: {str(v): self.bundle_text[v] for v in sorted(members)}}
 
     def _on_share_keys(self, u: int, env: Envelope) -> None:
         f = Fields(env, {F_SHARES, F_B_COMMIT})
-        sealed = f.bytes_map(F_SHARES, MAX_NODES, size=SEALED_SHARE_SIZE)
+        sealed = f.bytes_map(F_SHARES, MAX_NODES, size=SEALED_SHARE_SIZE)  # checks each
         if set(sealed) != self.sent_bundles[u]:
             raise PartyError("shares are not addressed to exactly the forwarded peers")
         commit = f.raw(F_B_COMMIT, 32)
-        self.sealed[u], self.commits[u] = sealed, commit
+        text = env.fields[F_SHARES]
+        self.sealed[u] = {v: text[str(v)] for v in sealed}
+        self.commits[u] = commit
 
     def _after_share_keys(self) -> None:
         self._prune_isolated(MASKED_INPUT)
@@ -307,7 +313,7 @@ class MaskingServer(ServerWorkflow):
     def _requests_masked_input(self, u: int) -> dict[str, object]:
         peers = self.graph[u] & self.active
         self.peers[u] = frozenset(peers)
-        return {F_SHARES: bytes_map({v: self.sealed[v][u] for v in peers})}
+        return {F_SHARES: {str(v): self.sealed[v][u] for v in sorted(peers)}}
 
     def _on_masked_input(self, u: int, env: Envelope) -> None:
         f = Fields(env, {F_LENGTH})
