@@ -6,6 +6,7 @@ Share ``x`` coordinates are the holders' positive integer indices. A share trave
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import combinations
@@ -69,16 +70,25 @@ def split_secret(secret: bytes, threshold: int, xs: Iterable[int],
     return out
 
 
-def _interpolate_at_zero(shares: list[Share]) -> int:
-    total = 0
-    for i, si in enumerate(shares):
+@functools.lru_cache(maxsize=1024)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The Lagrange basis polynomials of the points ``xs`` evaluated at 0. They depend only
+    on the holders, so secrets rebuilt from the same holders (every self-mask seed of a round
+    on the complete graph) share them."""
+    coeffs = []
+    for i, xi in enumerate(xs):
         num, den = 1, 1
-        for j, sj in enumerate(shares):
+        for j, xj in enumerate(xs):
             if i != j:
-                num = num * (-sj.x) % PRIME
-                den = den * (si.x - sj.x) % PRIME
-        total = (total + si.y * num * pow(den, -1, PRIME)) % PRIME
-    return total
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        coeffs.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(coeffs)
+
+
+def _interpolate_at_zero(shares: list[Share]) -> int:
+    coeffs = _lagrange_at_zero(tuple(s.x for s in shares))
+    return sum(s.y * c for s, c in zip(shares, coeffs, strict=True)) % PRIME
 
 
 def reconstruct_secret(shares: Iterable[Share], threshold: int,
