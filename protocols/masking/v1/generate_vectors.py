@@ -469,7 +469,7 @@ def gen_quantization() -> None:
           "then round stochastically in fixed point: F = min(32, 62 - bit_length(levels)), "
           "Y = trunc(y * 2**F), k = (Y + (word >> (32 - F))) >> F (arithmetic shift; words are "
           "the ChaCha20 keystream of a fresh 32-byte seed), reduce mod 2**ring_bits; "
-          "centred lift and dequantisation (lift * clip / levels). Non-finite values in "
+          "centred lift and dequantisation (lift * (clip / levels)). Non-finite values in "
           "must_fail.values are the strings NaN / Infinity / -Infinity.",
           {"kat": kat, "sums": sums, "fit": fits,
            "must_fail": {"spec": mf_spec, "values": mf_val}})
