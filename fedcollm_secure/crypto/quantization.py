@@ -121,7 +121,11 @@ class QuantizationSpec:
         y, fixed = np.empty(chunk), np.empty(chunk, dtype=np.int64)
         for at, x, start, m in _pieces(parts, chunk):
             yc, fc = y[:m], fixed[:m]
-            np.multiply(x[start:start + m], scale, out=yc, dtype=np.float64)
+            if x.dtype == np.float64:
+                np.multiply(x[start:start + m], scale, out=yc)
+            else:  # widening as its own pass beats a mixed-type multiply; same values
+                np.copyto(yc, x[start:start + m], casting="unsafe")
+                yc *= scale
             np.clip(yc, -bound, bound, out=yc)
             np.copyto(fc, yc, casting="unsafe")  # truncation toward zero
             w = words.next(m)
