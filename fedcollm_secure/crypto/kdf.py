@@ -17,7 +17,7 @@ _SALT_LABEL = b"fedcollm-secure/hkdf-salt/v1"
 
 def encode_fields(*fields: bytes) -> bytes:
     """Unambiguous concatenation: each field as a 4-byte big-endian length then the bytes."""
-    return b"".join(struct.pack(">I", len(f)) + f for f in fields)
+    return b"".join([part for f in fields for part in (len(f).to_bytes(4, "big"), f)])
 
 
 @functools.lru_cache(maxsize=64)
@@ -41,11 +41,15 @@ class KdfContext:
         return _salt(self.protocol, self.version, bytes(self.session))
 
     def info(self, purpose: str, pair: tuple[int, int]) -> bytes:
-        return encode_fields(
-            self.protocol.encode(), struct.pack(">I", self.version), self.session,
-            struct.pack(">Q", self.round), purpose.encode(),
-            struct.pack(">QQ", pair[0], pair[1]),
-        )
+        return _info_prefix(self.protocol, self.version, bytes(self.session), self.round) + \
+            encode_fields(purpose.encode(), struct.pack(">QQ", pair[0], pair[1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _info_prefix(protocol: str, version: int, session: bytes, round_: int) -> bytes:
+    """The fields of ``info`` shared by every key of one round."""
+    return encode_fields(protocol.encode(), struct.pack(">I", version), session,
+                         struct.pack(">Q", round_))
 
 
 def derive_key(ikm: bytes, ctx: KdfContext, *, purpose: str, pair: tuple[int, int],
