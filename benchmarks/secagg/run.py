@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import pstats
+import resource
 import statistics
 import sys
 import time
@@ -146,12 +147,18 @@ def _median_free_mean(xs: list[float]) -> float:
     return float(np.mean(xs)) if xs else 0.0
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of fresh memory)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_masking(updates: dict, threshold: int, drop: dict[str, str], options: dict,
                 exact: np.ndarray) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    f0, t0 = _minor_faults(), time.perf_counter()
     res = secure_sum(updates, protocol="masking", threshold=threshold, drop=drop, **options)
     wall = time.perf_counter() - t0
     m = _ours_metrics(res, wall, list(drop), exact)
+    m["page_faults"] = _minor_faults() - f0
     m["server_mask_bytes"] = int(res.stats["server_mask_bytes"])
     m["params"] = dict(res.stats["params"])
     if len(res.survivors) != len(updates):
@@ -162,10 +169,12 @@ def run_masking(updates: dict, threshold: int, drop: dict[str, str], options: di
 def run_plaintext(updates: dict, exact: np.ndarray) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # InsecureAggregationWarning: expected here
-        t0 = time.perf_counter()
+        f0, t0 = _minor_faults(), time.perf_counter()
         res = secure_sum(updates, protocol="plaintext")
         wall = time.perf_counter() - t0
-    return _ours_metrics(res, wall, [], exact)
+    m = _ours_metrics(res, wall, [], exact)
+    m["page_faults"] = _minor_faults() - f0
+    return m
 
 
 def run_ckks(updates: dict, threshold: int, exact: np.ndarray) -> dict[str, Any]:
@@ -330,8 +339,8 @@ def run_case(name: str, *, n: int, d: int, threshold: int, graph: str, degree: i
         p = run_plaintext(updates, exact)
         raw["plaintext"].append(p)
         log(f"   rep {r + 1}: masking {m['total_seconds']:.3f}s "
-            f"(client {m['client_seconds']:.4f}s, server {m['server_seconds']:.4f}s), "
-            f"plaintext {p['total_seconds']:.3f}s")
+            f"(client {m['client_seconds']:.4f}s, server {m['server_seconds']:.4f}s, "
+            f"{m['page_faults']} page faults), plaintext {p['total_seconds']:.3f}s")
         if ckks:
             c = run_ckks(updates, threshold, exact)
             raw["ckks"].append(c)

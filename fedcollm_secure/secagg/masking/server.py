@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,17 @@ HEADER_LIMIT = 4 << 20
 _SUM_CHUNK = 1 << 16  # ring elements per piece when MACing and summing a masked vector
 
 
+@dataclass
+class _PendingVector:
+    """A masked input whose form was checked, waiting to be MACed and summed."""
+
+    node: int
+    vec: np.ndarray  # a view into the reply
+    body: memoryview  # the same bytes, as the MAC reads them
+    mac: MacStream  # already fed the envelope's bytes before the body
+    tag: bytes
+
+
 def _matches_public_key(public: bytes) -> Callable[[bytes], bool]:
     return lambda private: public_of(private) == public
 
@@ -158,6 +170,7 @@ class MaskingServer(ServerWorkflow):
         self.seconds: dict[str, float] = {}
         self._result: SecureSumResult | None = None
         self.aborted: FedCoLLMSecureError | None = None
+        self._pending: list[_PendingVector] = []  # masked inputs checked but not yet summed
 
     # --- driving -------------------------------------------------------------------------
     def next_requests(self) -> StageRequests | None:
@@ -190,6 +203,10 @@ class MaskingServer(ServerWorkflow):
                 answered.add(u)
             except FedCoLLMSecureError as exc:
                 self.rejected[cid] = f"{stage}: {type(exc).__name__}: {exc}"
+        if stage == MASKED_INPUT:
+            for u, exc in self._sum_masked_inputs():
+                answered.discard(u)
+                self.rejected[self.ids[u]] = f"{stage}: {type(exc).__name__}: {exc}"
         gone = self.active - answered
         if stage in (CONSISTENCY_CHECK, UNMASK):  # their inputs are in the sum already
             self.late_dropouts = sorted({*self.late_dropouts, *(self.ids[u] for u in gone)})
@@ -316,6 +333,8 @@ class MaskingServer(ServerWorkflow):
         return {F_SHARES: {str(v): self.sealed[v][u] for v in sorted(peers)}}
 
     def _on_masked_input(self, u: int, env: Envelope) -> None:
+        """Check the reply's form; its MAC is checked while it is summed
+        (:meth:`_sum_masked_inputs`, once every reply of the stage is in)."""
         f = Fields(env, {F_LENGTH})
         dtype = np.dtype(self.params.values.dtype).newbyteorder("<")
         if f.uint(F_LENGTH) != self.length or len(env.body) != self.length * dtype.itemsize:
@@ -324,33 +343,45 @@ class MaskingServer(ServerWorkflow):
         bits = self.params.values.ring_bits
         if bits not in (32, 64) and int(vec.max(initial=0)) > ring_mask(bits):
             raise WireFormatError("masked vector has elements outside the ring")
-        # One pass: each piece of the vector is MACed and added to the running sum while in
-        # cache; if the tag then fails, the vector is subtracted again (exact in the ring).
-        # The server keeps only the running sum of masked vectors, never one client's vector.
         if env.mac is None:
             raise MacError(f"masked input from node {u} carries no MAC")
         mac = MacStream(self._mac_key(u, MASKED_INPUT))
         signed = memoryview(env.signed_bytes).cast("B")
         body_at = signed.nbytes - vec.nbytes
         mac.update(signed[:body_at])
-        acc, first = self.masked_sum, self.masked_sum is None
+        self._pending.append(_PendingVector(u, vec, signed[body_at:], mac, env.mac))
+
+    def _sum_masked_inputs(self) -> list[tuple[int, MacError]]:
+        """MAC and add every pending masked vector in one pass, piece by piece: each piece of
+        the running sum stays in cache while the same piece of every vector is MACed and added
+        to it. A vector whose tag then fails is subtracted again (exact in the ring) and
+        returned with its error. The server keeps only the running sum, never one client's
+        vector."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        first = self.masked_sum is None
+        acc = self.masked_sum
         if acc is None:
-            acc = self._accumulator(dtype.newbyteorder("="))
-        step = _SUM_CHUNK
+            acc = self._accumulator(pending[0].vec.dtype.newbyteorder("="))
+        w, step = acc.itemsize, _SUM_CHUNK
         for start in range(0, self.length, step):
-            mac.update(signed[body_at + start * dtype.itemsize:
-                              body_at + (start + step) * dtype.itemsize])
-            if first:  # the first vector initialises the sum: no zeroing pass
-                acc[start:start + step] = vec[start:start + step]
-            else:
-                np.add(acc[start:start + step], vec[start:start + step],
-                       out=acc[start:start + step])
-        try:
-            mac.verify(env.mac)
-        except MacError:
-            np.subtract(acc, vec, out=acc)
-            raise
+            part = acc[start:start + step]
+            for i, p in enumerate(pending):
+                p.mac.update(p.body[start * w:(start + step) * w])
+                if first and i == 0:  # the first vector initialises the sum: no zeroing
+                    part[:] = p.vec[start:start + step]
+                else:
+                    np.add(part, p.vec[start:start + step], out=part)
+        failed: list[tuple[int, MacError]] = []
+        for p in pending:
+            try:
+                p.mac.verify(p.tag)
+            except MacError as exc:
+                np.subtract(acc, p.vec, out=acc)
+                failed.append((p.node, exc))
         self.masked_sum = acc
+        return failed
 
     def _accumulator(self, dtype: np.dtype[Any]) -> np.ndarray:
         """The running sum of masked vectors, placed at the end of the buffer that will hold
