@@ -146,7 +146,8 @@ class MaskingServer(ServerWorkflow):
         self.stages = stages_of(self.checked)
         self.consistency_sigs: dict[int, bytes] = {}
         self.round_keys = generate_keypair(self.rng)  # authenticates masked inputs (MAC keys)
-        self.params_digest = params_digest(self._requests_advertise_keys(nodes[0]))
+        self.announced = self._announced_params()
+        self.params_digest = params_digest(self.announced)
         self.stage_index = 0
         self.active: set[int] = set(nodes)
         self.dropped: dict[str, str] = {}
@@ -204,9 +205,9 @@ class MaskingServer(ServerWorkflow):
             except FedCoLLMSecureError as exc:
                 self.rejected[cid] = f"{stage}: {type(exc).__name__}: {exc}"
         if stage == MASKED_INPUT:
-            for u, exc in self._sum_masked_inputs():
+            for u, mac_error in self._sum_masked_inputs():
                 answered.discard(u)
-                self.rejected[self.ids[u]] = f"{stage}: {type(exc).__name__}: {exc}"
+                self.rejected[self.ids[u]] = f"{stage}: MacError: {mac_error}"
         gone = self.active - answered
         if stage in (CONSISTENCY_CHECK, UNMASK):  # their inputs are in the sum already
             self.late_dropouts = sorted({*self.late_dropouts, *(self.ids[u] for u in gone)})
@@ -271,16 +272,19 @@ class MaskingServer(ServerWorkflow):
                     changed = True
 
     # --- stage 0 -------------------------------------------------------------------------
-    def _requests_advertise_keys(self, u: int) -> dict[str, object]:
+    def _announced_params(self) -> dict[str, object]:
+        """The advertise_keys fields that are the same for every client."""
         p = self.params
         return {F_N_NODES: p.n_nodes, F_THRESHOLD: p.threshold,
                 F_SHARE_THRESHOLD: p.share_threshold, F_GRAPH: p.graph,
-                F_NEIGHBOURS: sorted(self.graph[u]), F_RING_BITS: p.values.ring_bits,
-                F_LEVELS: p.values.levels, F_CLIP: p.values.clip, F_MAX_WEIGHT: p.weight.clip,
-                F_SPEC: self.spec.to_json(), F_SERVER_PK: b64(self.round_keys.public_bytes),
-                F_CONSISTENCY: self.checked,
+                F_RING_BITS: p.values.ring_bits, F_LEVELS: p.values.levels,
+                F_CLIP: p.values.clip, F_MAX_WEIGHT: p.weight.clip, F_SPEC: self.spec.to_json(),
+                F_SERVER_PK: b64(self.round_keys.public_bytes), F_CONSISTENCY: self.checked,
                 **({F_ROSTER: {str(v): cid for v, cid in self.ids.items()}}
                    if self.allow_list is not None else {})}
+
+    def _requests_advertise_keys(self, u: int) -> dict[str, object]:
+        return {**self.announced, F_NEIGHBOURS: sorted(self.graph[u])}
 
     def _on_advertise_keys(self, u: int, env: Envelope) -> None:
         """The reply is MACed under a key from the cipher key it carries, so a changed key,
