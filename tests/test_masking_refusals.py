@@ -240,10 +240,13 @@ def test_revealed_shares_never_overlap_over_a_whole_round(masking_round: Any) ->
 
 # --- share_keys ----------------------------------------------------------------------------
 # A bundle is cipher_pk (0:32) || mask_pk (32:64) || sig_pk (64:96) || signature (96:160).
-@pytest.mark.parametrize("byte", [0, 31, 32, 63, 64, 95, 96, 159])
-def test_tampered_forwarded_key_bundle_fails_its_signature(masking_round: Any, edit_env: Any,
-                                                           byte: int) -> None:
-    r = masking_round(5)
+BUNDLE_BYTES = [0, 31, 32, 63, 64, 95, 96, 159]
+
+
+@pytest.mark.parametrize("byte", BUNDLE_BYTES)
+def test_tampered_forwarded_key_bundle_fails_its_signature_in_checked_rounds(
+        masking_round: Any, edit_env: Any, byte: int) -> None:
+    r = masking_round(5, consistency_check=True)
     reqs = r.advance_to("share_keys")
     c0 = r.clients["c0"]
     refuse(c0, edit_env(reqs["c0"], flip_in_b64("bundles", "3", byte, 2)), SignatureError)
@@ -251,13 +254,38 @@ def test_tampered_forwarded_key_bundle_fails_its_signature(masking_round: Any, e
     refuse(c0, reqs["c0"], StageError)
 
 
-def test_bundle_of_another_node_under_a_peer_index_fails_its_signature(
-        masking_round: Any, edit_env: Any) -> None:
+@pytest.mark.parametrize("byte", BUNDLE_BYTES)
+def test_tampered_forwarded_key_bundle_makes_both_ends_refuse_their_shares(
+        masking_round: Any, edit_env: Any, byte: int) -> None:
+    """Without the consistency check or identities the per-round signing keys are
+    self-asserted and peers do not check bundle signatures; the shares' associated data binds
+    both bundles instead. c0 takes node 3's changed bundle, but then neither c0 nor node 3
+    can open the share the other sealed for it, so both refuse before masking anything."""
     r = masking_round(5)
     reqs = r.advance_to("share_keys")
+    tampered = edit_env(reqs["c0"], flip_in_b64("bundles", "3", byte, 2))
+    replies = {cid: r.clients[cid].process(tampered if cid == "c0" else msg)
+               for cid, msg in reqs.items()}
+    r.server.receive("share_keys", replies)
+    stage, masked = r.requests()
+    assert stage == "masked_input"
+    for cid in ("c0", r.cid(3)):
+        refuse(r.clients[cid], masked[cid], DecryptionError)
+        assert r.clients[cid].state == ABORTED
+    for cid in sorted(set(masked) - {"c0", r.cid(3)}):  # the others' shares all open
+        r.clients[cid].process(masked[cid])
+
+
+def test_bundle_of_another_node_under_a_peer_index_is_refused(
+        masking_round: Any, edit_env: Any) -> None:
+    """Checked rounds: its signature binds the node index. Other rounds: the same keys under
+    two indices are refused as reused keys."""
     def edit(e: Envelope) -> None:
         e.fields["bundles"]["2"] = e.fields["bundles"]["3"]
-    refuse(r.clients["c0"], edit_env(reqs["c0"], edit), SignatureError)
+    for options, error in (({"consistency_check": True}, SignatureError), ({}, PartyError)):
+        r = masking_round(5, **options)
+        reqs = r.advance_to("share_keys")
+        refuse(r.clients["c0"], edit_env(reqs["c0"], edit), error)
 
 
 @pytest.mark.parametrize("how", ["flipped", "removed", "replaced by a peer's"])

@@ -195,6 +195,28 @@ def test_bit_flip_in_an_advertised_key_is_rejected(field: str) -> None:
     assert "MacError" in rejected_as(result, "c4", "advertise_keys")
 
 
+@pytest.mark.parametrize("byte", [5, 40, 70, 130])  # cipher_pk, mask_pk, sig_pk, signature
+def test_bit_flip_in_a_forwarded_bundle_drops_both_ends_and_the_sum_stays_exact(
+        byte: int) -> None:
+    """The server forwards node 3's bundle to c1 with one bit flipped. Peers check bundles
+    through the shares' associated data (no signature check without the consistency check):
+    c1 and node 3 cannot open each other's shares, both refuse masked_input, and the others'
+    sum is exact."""
+    def edit(data: bytes) -> bytes:
+        env = decode(data)
+        raw = bytearray(base64.b64decode(env.fields["bundles"]["3"]))
+        raw[byte] ^= 0x04
+        env.fields = {**env.fields, "bundles": {**env.fields["bundles"],
+                                                "3": base64.b64encode(bytes(raw)).decode()}}
+        return env.encode()
+    plan = FaultPlan(tamper=[Tamper("c1", "share_keys", "request", edit)])
+    result = run(plan, threshold=3)
+    for cid in ("c1", "c2"):  # node 3 is c2
+        assert "DecryptionError" in rejected_as(result, cid, "masked_input")
+    assert sorted(result.survivors) == ["c0", "c3", "c4"]
+    assert_exact(result)
+
+
 # --- replay across rounds --------------------------------------------------------------------
 @pytest.mark.parametrize("direction", ["reply", "request"])
 @pytest.mark.parametrize("stage", STAGES)

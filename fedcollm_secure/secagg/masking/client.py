@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...crypto.aead import associated_data, open_sealed, seal
+from ...crypto.aead import open_sealed, seal
 from ...crypto.kdf import derive_key
 from ...crypto.key_agreement import agree, generate_keypair, load_public_key
 from ...crypto.prg import MaskPRG, ring_mask
@@ -41,7 +41,6 @@ from ..base import ClientEndpoint
 from ..tensors import TensorSpec, Update
 from .config import PROTOCOL, MaskingConfig
 from .messages import (
-    AD_SHARE,
     ADVERTISE_KEYS,
     BUNDLE_SIZE,
     ERROR,
@@ -92,6 +91,7 @@ from .messages import (
     ordered,
     params_digest,
     parse_share_plaintext,
+    share_ad,
     share_plaintext,
     stages_of,
 )
@@ -290,9 +290,12 @@ class MaskingClient(ClientEndpoint):
             if b.cipher_pk in seen or b.mask_pk in seen or b.cipher_pk == b.mask_pk:
                 raise PartyError(f"node {v} reuses a public key of another node")
             seen |= {b.cipher_pk, b.mask_pk}
-            VerifyKey(b.sig_pk).verify(b.signature, KeyBundle.signed_bytes(
-                env.session, env.round, v, b.cipher_pk, b.mask_pk, b.sig_pk,
-                self.params_digest))
+            if self.allow_list is not None or CONSISTENCY_CHECK in self.stages:
+                # the signing key matters (identities, consistency signatures); in other
+                # rounds it is self-asserted and the shares' associated data binds the keys
+                VerifyKey(b.sig_pk).verify(b.signature, KeyBundle.signed_bytes(
+                    env.session, env.round, v, b.cipher_pk, b.mask_pk, b.sig_pk,
+                    self.params_digest))
             load_public_key(b.cipher_pk), load_public_key(b.mask_pk)
         self.bundles = bundles
         self.b_seed = self.rng.bytes(32)
@@ -311,7 +314,8 @@ class MaskingClient(ClientEndpoint):
             self.share_keys[v] = key
             sealed[v] = seal(key, share_plaintext(self.node, v, b_shares[v].to_bytes(),
                                                   s_shares[v].to_bytes()),
-                             associated_data(AD_SHARE, env.session, env.round, self.node, v),
+                             share_ad(env.session, env.round, self.node, v,
+                                      self.bundle.to_bytes(), b.to_bytes(), self.params_digest),
                              self.rng)
         commit = b_commitment(env.session, env.round, self.node, self.b_seed)
         return self._reply(SHARE_KEYS, {F_SHARES: bytes_map(sealed), F_B_COMMIT: b64(commit)})
@@ -327,7 +331,8 @@ class MaskingClient(ClientEndpoint):
             raise PartyError(f"only {len(sealed)} peers shared keys; the share threshold is "
                              f"{self.share_threshold}")
         for v, ct in sealed.items():
-            ad = associated_data(AD_SHARE, env.session, env.round, v, self.node)
+            ad = share_ad(env.session, env.round, v, self.node, self.bundles[v].to_bytes(),
+                          self.bundle.to_bytes(), self.params_digest)
             plain = open_sealed(self.share_keys[v], ct, ad)
             src, dst, b_share, s_share = parse_share_plaintext(plain)
             if (src, dst) != (v, self.node):

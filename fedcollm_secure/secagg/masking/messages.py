@@ -11,6 +11,7 @@ import json
 import struct
 from dataclasses import dataclass
 
+from ...crypto.aead import associated_data
 from ...crypto.kdf import KdfContext, derive_key, encode_fields
 from ...crypto.shamir import SHARE_SIZE
 from ...errors import WireFormatError
@@ -167,6 +168,16 @@ def consistency_message(session: bytes, round_: int, node: int, survivors: list[
     """What node ``node`` signs in the consistency check: the set U3 it was shown."""
     return encode_fields(CONSISTENCY_LABEL, session, struct.pack(">QQ", round_, node),
                          json.dumps(sorted(survivors), separators=(",", ":")).encode())
+
+
+def share_ad(session: bytes, round_: int, src: int, dst: int, src_bundle: bytes,
+             dst_bundle: bytes, params_hash: bytes) -> bytes:
+    """Associated data of the shares ``src`` seals for ``dst``: the route, and both key bundles
+    and the round parameters as the party computing it sees them. A share opens only if
+    sender and recipient agree on each other's keys and on the parameters, so a key bundle
+    changed on its way to a peer is caught without checking its signature."""
+    return associated_data(AD_SHARE, session, round_, src, dst) + encode_fields(
+        src_bundle, dst_bundle, params_hash)
 
 
 def b_commitment(session: bytes, round_: int, node: int, b_seed: bytes) -> bytes:

@@ -682,6 +682,20 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 }
 
 
+CHECKED = "complete-4-checked"
+# used by must_fail.json only: peers check bundle signatures only with the consistency check
+MUST_FAIL_SCENARIOS: dict[str, dict[str, Any]] = {
+    CHECKED: {
+        **copy.deepcopy(SCENARIOS["complete-4"]),
+        "description": "As complete-4 with the consistency check on (so that peers check each "
+                       "other's bundle signatures; without it the shares' associated data "
+                       "binds the bundles instead).",
+        "config": {"max_weight": 2.0, "consistency_check": True},
+        "session_hex": "6d61736b696e672f76312f653265442e",
+    },
+}
+
+
 def _arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.array(v, dtype=np.float64) for k, v in inputs.items()}
 
@@ -1000,6 +1014,8 @@ def _flip(raw: bytes, offset: int) -> bytes:
 
 
 def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
+    scenarios = {**scenarios, **{n: resolve_scenario(n, sc)
+                                 for n, sc in MUST_FAIL_SCENARIOS.items()}}
     name = "complete-4"
     sc = scenarios[name]
     _, clients0, log = run(name, sc)
@@ -1163,12 +1179,6 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
                              "4": bundles["4"]})], "WireFormatError"),
         ("sk-key-reuse", "node 3's bundle carries node 1's cipher key (checked before its "
          "signature)", SK, "c2", [setf(M.F_BUNDLES, {**bundles, "3": reuse})], "PartyError"),
-        ("sk-bundle-signature", "node 3's bundle signature has a flipped bit", SK, "c2",
-         [setf(M.F_BUNDLES, {**bundles, "3": _b64(_flip(b3, 159))})], "SignatureError"),
-        ("sk-bundle-other-node", "node 3's and node 4's bundles swapped (the bundle signature "
-         "binds the node index)", SK, "c2",
-         [setf(M.F_BUNDLES, {"1": bundles["1"], "2": bundles["2"], "3": bundles["4"],
-                             "4": bundles["3"]})], "SignatureError"),
         ("sk-low-order-key", "node 3's bundle has an all-zero X25519 cipher key, validly signed "
          "by node 3", SK, "c2", [setf(M.F_BUNDLES, {**bundles, "3": _b64(zero_bundle)})],
          "CryptoError"),
@@ -1314,12 +1324,39 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
         out.append({**case, "observed_by": "client", "expected_error": err,
                     "delivered_sha256": sha256_hex(seen["delivered"]),
                     "delivered_hex": seen["delivered"].hex()})
+    # Peers check bundle signatures only in rounds with the consistency check (or identities);
+    # these cases run the same round with the check on.
+    cname = CHECKED
+    csc = scenarios[cname]
+    _, _, clog = run(cname, csc)
+    cgenuine = {(m["stage"], m["direction"], m["client"]): bytes.fromhex(m["hex"])
+                for m in clog}
+    cbundles = parse_message(cgenuine[(SK, RQ, "c2")])[0]["fields"][M.F_BUNDLES]
+    cb3 = base64.b64decode(cbundles["3"])
+    checked_cases: list[tuple[str, str, str, str, list[dict[str, Any]], str]] = [
+        ("sk-bundle-signature", "consistency check on: node 3's bundle signature has a flipped "
+         "bit", SK, "c2", [setf(M.F_BUNDLES, {**cbundles, "3": _b64(_flip(cb3, 159))})],
+         "SignatureError"),
+        ("sk-bundle-other-node", "consistency check on: node 3's and node 4's bundles swapped "
+         "(the bundle signature binds the node index)", SK, "c2",
+         [setf(M.F_BUNDLES, {"1": cbundles["1"], "2": cbundles["2"], "3": cbundles["4"],
+                             "4": cbundles["3"]})], "SignatureError"),
+    ]
+    for cid_, desc, stage, client, edits, err in checked_cases:
+        case = {"id": cid_, "description": desc, "scenario": cname, "stage": stage,
+                "direction": RQ, "client": client, "edits": edits}
+        seen = probe(cname, csc, case)
+        check(case, seen, err)
+        out.append({**case, "observed_by": "client", "expected_error": err,
+                    "delivered_sha256": sha256_hex(seen["delivered"]),
+                    "delivered_hex": seen["delivered"].hex()})
     case = {"id": "abort-then-genuine", "description": "after refusing a share_keys request "
-            "with a bad bundle signature the client is aborted: the genuine request is then "
-            "refused too", "scenario": name, "stage": SK, "direction": RQ, "client": "c2",
-            "edits": [setf(M.F_BUNDLES, {**bundles, "3": _b64(_flip(b3, 159))})],
+            "with a bad bundle signature (consistency check on) the client is aborted: the "
+            "genuine request is then refused too", "scenario": cname, "stage": SK,
+            "direction": RQ, "client": "c2",
+            "edits": [setf(M.F_BUNDLES, {**cbundles, "3": _b64(_flip(cb3, 159))})],
             "then_deliver_genuine": True}
-    seen = probe(name, sc, case)
+    seen = probe(cname, csc, case)
     check(case, seen, "SignatureError")
     check(case, seen, "StageError", "then_observed")
     out.append({**case, "observed_by": "client", "expected_error": "SignatureError",
@@ -1364,7 +1401,7 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
           "(observed_by 'server_abort'). delivered_hex are the exact bytes delivered. "
           "known_bugs lists cases the reference implementation does not yet get right.",
           {"scenarios": {n: {**scenarios[n], "rng_seeds": seeds_of(n, scenarios[n])}
-                         for n in (name, "k-regular-10")},
+                         for n in (name, "k-regular-10", CHECKED)},
            "cases": out, "known_bugs": known})
 
 
