@@ -43,10 +43,7 @@ class MacStream:
 
     def verify(self, tag: bytes) -> None:
         """Raise :class:`MacError` unless ``tag`` authenticates what was fed in."""
-        if len(tag) != MAC_TAG_SIZE:
-            raise MacError("MAC tag has the wrong length")
-        if not compare_digest(self.tag(), bytes(tag)):
-            raise MacError("MAC does not verify")
+        _check_tag(self.tag(), tag)
 
 
 def mac_tag(key: bytes, *parts: bytes | memoryview) -> bytes:
@@ -63,9 +60,13 @@ def mac_tag(key: bytes, *parts: bytes | memoryview) -> bytes:
 
 def verify_mac(key: bytes, tag: bytes, *parts: bytes | memoryview) -> None:
     """Raise :class:`MacError` unless ``tag`` authenticates ``parts`` under ``key``."""
+    _check_tag(mac_tag(key, *parts), tag)
+
+
+def _check_tag(computed: bytes, tag: bytes) -> None:
     if len(tag) != MAC_TAG_SIZE:
         raise MacError("MAC tag has the wrong length")
-    if not compare_digest(mac_tag(key, *parts), bytes(tag)):
+    if not compare_digest(computed, bytes(tag)):
         raise MacError("MAC does not verify")
 
 

@@ -104,7 +104,6 @@ class _PendingVector:
 
     node: int
     vec: np.ndarray  # a view into the reply
-    body: memoryview  # the same bytes, as the MAC reads them
     mac: MacStream  # already fed the envelope's bytes before the body
     tag: bytes
 
@@ -353,7 +352,7 @@ class MaskingServer(ServerWorkflow):
         signed = memoryview(env.signed_bytes).cast("B")
         body_at = signed.nbytes - vec.nbytes
         mac.update(signed[:body_at])
-        self._pending.append(_PendingVector(u, vec, signed[body_at:], mac, env.mac))
+        self._pending.append(_PendingVector(u, vec, mac, env.mac))
 
     def _sum_masked_inputs(self) -> list[tuple[int, MacError]]:
         """MAC and add every pending masked vector in one pass, piece by piece: each piece of
@@ -368,11 +367,11 @@ class MaskingServer(ServerWorkflow):
         acc = self.masked_sum
         if acc is None:
             acc = self._accumulator(pending[0].vec.dtype.newbyteorder("="))
-        w, step = acc.itemsize, _SUM_CHUNK
+        step = _SUM_CHUNK
         for start in range(0, self.length, step):
             part = acc[start:start + step]
             for i, p in enumerate(pending):
-                p.mac.update(p.body[start * w:(start + step) * w])
+                p.mac.update(p.vec[start:start + step].data)
                 if first and i == 0:  # the first vector initialises the sum: no zeroing
                     part[:] = p.vec[start:start + step]
                 else:

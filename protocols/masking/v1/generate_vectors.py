@@ -942,6 +942,11 @@ def client_mac_keys(clients: dict[str, MaskingClient]) -> Callable[[str, str], b
     return key
 
 
+def genuine_messages(log: list[dict[str, Any]]) -> dict[tuple[str, str, str], bytes]:
+    """(stage, direction, client) -> bytes of an honest run's log."""
+    return {(m["stage"], m["direction"], m["client"]): bytes.fromhex(m["hex"]) for m in log}
+
+
 def probe(name: str, sc: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
     """Run scenario ``name`` honestly except for ``case``; report what was observed.
 
@@ -954,8 +959,7 @@ def probe(name: str, sc: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]
     mac_keys = None
     if "edits" in case:
         _, clients0, log = run(name, {**sc, "drop": drops})
-        genuine = {(m["stage"], m["direction"], m["client"]): bytes.fromhex(m["hex"])
-                   for m in log}
+        genuine = genuine_messages(log)
         signers = {c: clients0[c].signer for c in clients0}
         mac_keys = client_mac_keys(clients0)
     server, clients = build(name, sc)
@@ -1019,7 +1023,7 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
     name = "complete-4"
     sc = scenarios[name]
     _, clients0, log = run(name, sc)
-    genuine = {(m["stage"], m["direction"], m["client"]): bytes.fromhex(m["hex"]) for m in log}
+    genuine = genuine_messages(log)
     signers = {c: clients0[c].signer for c in clients0}
 
     def hdr(stage: str, direction: str, client: str = "c2") -> dict[str, Any]:
@@ -1316,21 +1320,23 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
         if seen.get(key) != want:
             raise AssertionError(f"{case['id']}: expected {want!r}, observed {seen}")
 
-    for cid_, desc, stage, client, edits, err in client_cases:
-        case = {"id": cid_, "description": desc, "scenario": name, "stage": stage,
-                "direction": RQ, "client": client, "edits": edits}
-        seen = probe(name, sc, case)
-        check(case, seen, err)
-        out.append({**case, "observed_by": "client", "expected_error": err,
-                    "delivered_sha256": sha256_hex(seen["delivered"]),
-                    "delivered_hex": seen["delivered"].hex()})
+    def add_client_cases(scen: str, cases: list[tuple[str, str, str, str, list[dict[str, Any]],
+                                                      str]]) -> None:
+        for cid_, desc, stage, client, edits, err in cases:
+            case = {"id": cid_, "description": desc, "scenario": scen, "stage": stage,
+                    "direction": RQ, "client": client, "edits": edits}
+            seen = probe(scen, scenarios[scen], case)
+            check(case, seen, err)
+            out.append({**case, "observed_by": "client", "expected_error": err,
+                        "delivered_sha256": sha256_hex(seen["delivered"]),
+                        "delivered_hex": seen["delivered"].hex()})
+
+    add_client_cases(name, client_cases)
     # Peers check bundle signatures only in rounds with the consistency check (or identities);
     # these cases run the same round with the check on.
     cname = CHECKED
     csc = scenarios[cname]
-    _, _, clog = run(cname, csc)
-    cgenuine = {(m["stage"], m["direction"], m["client"]): bytes.fromhex(m["hex"])
-                for m in clog}
+    cgenuine = genuine_messages(run(cname, csc)[2])
     cbundles = parse_message(cgenuine[(SK, RQ, "c2")])[0]["fields"][M.F_BUNDLES]
     cb3 = base64.b64decode(cbundles["3"])
     checked_cases: list[tuple[str, str, str, str, list[dict[str, Any]], str]] = [
@@ -1342,14 +1348,7 @@ def gen_must_fail(scenarios: dict[str, dict[str, Any]]) -> None:
          [setf(M.F_BUNDLES, {"1": cbundles["1"], "2": cbundles["2"], "3": cbundles["4"],
                              "4": cbundles["3"]})], "SignatureError"),
     ]
-    for cid_, desc, stage, client, edits, err in checked_cases:
-        case = {"id": cid_, "description": desc, "scenario": cname, "stage": stage,
-                "direction": RQ, "client": client, "edits": edits}
-        seen = probe(cname, csc, case)
-        check(case, seen, err)
-        out.append({**case, "observed_by": "client", "expected_error": err,
-                    "delivered_sha256": sha256_hex(seen["delivered"]),
-                    "delivered_hex": seen["delivered"].hex()})
+    add_client_cases(cname, checked_cases)
     case = {"id": "abort-then-genuine", "description": "after refusing a share_keys request "
             "with a bad bundle signature (consistency check on) the client is aborted: the "
             "genuine request is then refused too", "scenario": cname, "stage": SK,
