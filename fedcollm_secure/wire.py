@@ -25,6 +25,7 @@ import binascii
 import json
 import re
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -255,11 +256,20 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+if sys.version_info >= (3, 11):
+    def _a2b(value: str) -> bytes:
+        # strict: only the alphabet, correct padding, nothing after it
+        return binascii.a2b_base64(value, strict_mode=True)
+else:  # pragma: no cover - Python 3.10
+    def _a2b(value: str) -> bytes:
+        return base64.b64decode(value, validate=True)
+
+
 def unb64(value: Any, name: str, size: int | None = None, max_size: int | None = None) -> bytes:
-    if not isinstance(value, str):
+    if type(value) is not str:
         raise WireFormatError(f"{name} must be a base64 string")
     try:
-        raw = base64.b64decode(value, validate=True)
+        raw = _a2b(value)
     except (binascii.Error, ValueError):
         raise WireFormatError(f"{name} is not valid base64") from None
     if size is not None and len(raw) != size:

@@ -82,7 +82,7 @@ from .messages import (
     UNMASK,
     KeyBundle,
     b_commitment,
-    client_mac_key,
+    client_mac_keys,
     consistency_message,
     envelope,
     error_fields,
@@ -186,8 +186,7 @@ class MaskingClient(ClientEndpoint):
         return env.encode(mac_key=self._mac_key(stage))
 
     def _mac_key(self, stage: str) -> bytes:
-        ctx = kdf_context(self.session or b"", self.round or 0)
-        return client_mac_key(self.server_secret, ctx, self.node, stage)
+        return self.mac_keys[stage]
 
     # --- stage 0: advertise keys ---------------------------------------------------------
     def _on_advertise_keys(self, env: Envelope) -> bytes:
@@ -237,6 +236,8 @@ class MaskingClient(ClientEndpoint):
         self.cipher_keys = generate_keypair(self.rng)
         self.mask_keys = generate_keypair(self.rng)
         self.server_secret = agree(self.cipher_keys.private, server_pk)
+        self.mac_keys = client_mac_keys(self.server_secret, kdf_context(env.session, env.round),
+                                        self.node)
         sig_pk = self.signer.verify_key.raw
         bundle_sig = self.signer.sign(KeyBundle.signed_bytes(
             env.session, env.round, self.node, self.cipher_keys.public_bytes,

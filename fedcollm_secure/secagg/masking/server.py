@@ -83,7 +83,7 @@ from .messages import (
     UNMASK,
     KeyBundle,
     b_commitment,
-    client_mac_key,
+    client_mac_keys,
     consistency_message,
     envelope,
     kdf_context,
@@ -152,7 +152,7 @@ class MaskingServer(ServerWorkflow):
         self.dropped: dict[str, str] = {}
         self.rejected: dict[str, str] = {}
         self.bundles: dict[int, KeyBundle] = {}
-        self.shared: dict[int, bytes] = {}  # X25519(server round key, node's cipher key)
+        self.mac_keys: dict[int, dict[str, bytes]] = {}  # node -> its replies' MAC keys
         self.sent_bundles: dict[int, frozenset[int]] = {}
         # the sealed shares each node addressed to each peer, kept as the base64 text they
         # arrived in (checked when they arrived) and forwarded as is
@@ -249,9 +249,8 @@ class MaskingServer(ServerWorkflow):
             env.verify_mac(self._mac_key(u, stage))
         return env
 
-    def _mac_key(self, u: int, stage: str, shared: bytes | None = None) -> bytes:
-        return client_mac_key(self.shared[u] if shared is None else shared,
-                              kdf_context(self.session, self.round), u, stage)
+    def _mac_key(self, u: int, stage: str) -> bytes:
+        return self.mac_keys[u][stage]
 
     def _require(self, count: int, what: str) -> None:
         if count < self.params.threshold:
@@ -295,15 +294,16 @@ class MaskingServer(ServerWorkflow):
                            f.raw(F_BUNDLE_SIG, 64))
         digest = f.raw(F_PARAMS_HASH, 32)
         load_public_key(bundle.cipher_pk), load_public_key(bundle.mask_pk)
-        shared = agree(self.round_keys.private, bundle.cipher_pk)
-        env.verify_mac(self._mac_key(u, ADVERTISE_KEYS, shared))
+        mac_keys = client_mac_keys(agree(self.round_keys.private, bundle.cipher_pk),
+                                   kdf_context(self.session, self.round), u)
+        env.verify_mac(mac_keys[ADVERTISE_KEYS])
         if digest != self.params_digest:
             raise PartyError("the client was announced other round parameters")
         if self.allow_list is not None:
             self.allow_list.require(self.ids[u], bundle.sig_pk)
         self.bundles[u] = bundle
         self.bundle_text[u] = b64(bundle.to_bytes())
-        self.shared[u] = shared
+        self.mac_keys[u] = mac_keys
 
     def _after_advertise_keys(self) -> None:
         self._prune_isolated(SHARE_KEYS)
