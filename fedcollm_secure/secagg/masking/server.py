@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ...buffers import ROUND_BUFFERS
 from ...crypto.kdf import derive_key
 from ...crypto.mac import MacStream
 from ...crypto.key_agreement import (
@@ -394,7 +395,7 @@ class MaskingServer(ServerWorkflow):
         element k starts at byte offset + w*k >= (8 - w)*L + w*k >= 8k for k <= L."""
         w, n = dtype.itemsize, self.length
         offset = -(-(8 - w) * n // 64) * 64  # 64-byte aligned
-        self._result_buffer = np.empty(-(-(offset + w * n) // 8), dtype=np.float64)
+        self._result_buffer = ROUND_BUFFERS.take(-(-(offset + w * n) // 8) * 8).view(np.float64)
         return self._result_buffer.view(np.uint8)[offset:offset + w * n].view(dtype)
 
     def _holders(self, u: int) -> frozenset[int]:
