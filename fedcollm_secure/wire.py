@@ -90,8 +90,7 @@ class Envelope:
     def header_json(self) -> bytes:
         header = {"protocol": self.protocol, "stage": self.stage, "session": self.session.hex(),
                   "round": self.round, "src": self.src, "dst": self.dst, "fields": self.fields}
-        return json.dumps(header, sort_keys=True, separators=(",", ":"),
-                          allow_nan=False).encode()
+        return _HEADER_ENCODER.encode(header).encode()
 
     def _head(self, flags: int, body_nbytes: int) -> bytes:
         """Prefix and header. Before a body, the header is padded with spaces (still valid
@@ -172,6 +171,12 @@ def _no_constants(name: str) -> Any:
     raise WireFormatError(f"header JSON contains the non-standard constant {name}")
 
 
+# built once: json.dumps/json.loads with options construct a new coder on every call
+_HEADER_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+_HEADER_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys,
+                                   parse_constant=_no_constants)
+
+
 def signature_message(*signed: bytes | memoryview) -> bytes:
     """What Ed25519 signs: a label and the BLAKE3-256 digest of the envelope before the signature.
 
@@ -218,8 +223,7 @@ def decode(data: Message | bytearray, limits: Limits = DEFAULT_LIMITS) -> Envelo
         raise WireFormatError("message length does not match its declared sizes")
     end = PREFIX.size + hlen
     try:
-        header = json.loads(bytes(view[PREFIX.size:end]).decode("utf-8"),
-                            object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+        header = _HEADER_DECODER.decode(bytes(view[PREFIX.size:end]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise WireFormatError(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
