@@ -7,6 +7,7 @@ Share ``x`` coordinates are the holders' positive integer indices. A share trave
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import combinations
@@ -74,16 +75,24 @@ def split_secret(secret: bytes, threshold: int, xs: Iterable[int],
 def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     """The Lagrange basis polynomials of the points ``xs`` evaluated at 0. They depend only
     on the holders, so secrets rebuilt from the same holders (every self-mask seed of a round
-    on the complete graph) share them."""
-    coeffs = []
+    on the complete graph) share them.
+
+    ``l_i = prod_{j != i} x_j / (x_j - x_i) = N_i / D_i`` with exact integers; one modular
+    inversion of the least common multiple of the ``D_i`` serves every point (``D_i`` is a
+    product of differences of indices below ``2**63 < PRIME``, so it is invertible)."""
+    nums, dens = [], []
     for i, xi in enumerate(xs):
         num, den = 1, 1
         for j, xj in enumerate(xs):
             if i != j:
-                num = num * (-xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        coeffs.append(num * pow(den, -1, PRIME) % PRIME)
-    return tuple(coeffs)
+                num *= xj
+                den *= xj - xi
+        nums.append(num)
+        dens.append(den)
+    common = math.lcm(*dens)
+    inverse = pow(common, -1, PRIME)
+    return tuple(num * (common // den) % PRIME * inverse % PRIME
+                 for num, den in zip(nums, dens, strict=True))
 
 
 def _interpolate_at_zero(shares: list[Share]) -> int:

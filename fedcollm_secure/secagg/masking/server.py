@@ -22,7 +22,6 @@ from ...crypto.key_agreement import (
     agree,
     generate_keypair,
     load_private_key,
-    load_public_key,
     public_of,
 )
 from ...crypto.prg import MaskPRG, ring_mask
@@ -294,7 +293,6 @@ class MaskingServer(ServerWorkflow):
         bundle = KeyBundle(u, f.raw(F_CIPHER_PK, 32), f.raw(F_MASK_PK, 32), f.raw(F_SIG_PK, 32),
                            f.raw(F_BUNDLE_SIG, 64))
         digest = f.raw(F_PARAMS_HASH, 32)
-        load_public_key(bundle.cipher_pk), load_public_key(bundle.mask_pk)
         mac_keys = client_mac_keys(agree(self.round_keys.private, bundle.cipher_pk),
                                    kdf_context(self.session, self.round), u)
         env.verify_mac(mac_keys[ADVERTISE_KEYS])
