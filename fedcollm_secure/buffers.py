@@ -93,6 +93,6 @@ class BufferPool:
 
 
 ROUND_BUFFERS = BufferPool()
-"""The process-wide pool for masked replies and server results."""
+"""The process-wide pool (the masking server's result buffers)."""
 
 __all__ = ["BufferPool", "ROUND_BUFFERS", "DEFAULT_MAX_BLOCKS", "DEFAULT_MAX_BYTES"]

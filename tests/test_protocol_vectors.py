@@ -388,8 +388,8 @@ def test_envelope_encoding() -> None:
     assert got.fields == e["fields"] and got.body.hex() == e["body_hex"]
     got.verify(VerifyKey(hx(e["verify_key_hex"])))
     # the MACed form: flag bit 1 and a one-time GMAC tag over everything before it
-    key = M.client_mac_key(hx(e["mac_shared_secret_hex"]), M.kdf_context(env.session, env.round),
-                           e["mac_node"], env.stage)
+    key = M.client_mac_keys(hx(e["mac_shared_secret_hex"]),
+                            M.kdf_context(env.session, env.round), e["mac_node"])[env.stage]
     assert key.hex() == e["mac_key_hex"]
     maced = env.encode(mac_key=key)
     assert maced.hex() == e["maced_hex"] and maced[4] == 2
@@ -667,8 +667,7 @@ def apply_edits(data: bytes, edits: list[dict[str, Any]], signers: dict[str, Sig
         elif op == "mac":
             assert clients is not None
             c = clients[sender if e["key"] == "sender" else e["key"]]
-            key = M.client_mac_key(c.server_secret, M.kdf_context(c.session or b"", c.round or 0),
-                                   c.node, split(data)[0]["stage"])
+            key = c.mac_keys[split(data)[0]["stage"]]
             b = bytearray(data)
             b[4] |= 2
             data = bytes(b) + mac_tag(key, bytes(b))

@@ -183,10 +183,7 @@ class MaskingClient(ClientEndpoint):
         can derive (from this client's cipher key and the server's round key)."""
         env = envelope(stage, self.session or b"", self.round or 0, self.node, SERVER, fields,
                        body)
-        return env.encode(mac_key=self._mac_key(stage))
-
-    def _mac_key(self, stage: str) -> bytes:
-        return self.mac_keys[stage]
+        return env.encode(mac_key=self.mac_keys[stage])
 
     # --- stage 0: advertise keys ---------------------------------------------------------
     def _on_advertise_keys(self, env: Envelope) -> bytes:
@@ -235,9 +232,9 @@ class MaskingClient(ClientEndpoint):
         self.params_digest = params_digest(env.fields)
         self.cipher_keys = generate_keypair(self.rng)
         self.mask_keys = generate_keypair(self.rng)
-        self.server_secret = agree(self.cipher_keys.private, server_pk)
-        self.mac_keys = client_mac_keys(self.server_secret, kdf_context(env.session, env.round),
-                                        self.node)
+        # the reply MAC keys, from this client's cipher key and the server's round key
+        self.mac_keys = client_mac_keys(agree(self.cipher_keys.private, server_pk),
+                                        kdf_context(env.session, env.round), self.node)
         sig_pk = self.signer.verify_key.raw
         bundle_sig = self.signer.sign(KeyBundle.signed_bytes(
             env.session, env.round, self.node, self.cipher_keys.public_bytes,
@@ -357,7 +354,7 @@ class MaskingClient(ClientEndpoint):
                 wire[:] = y
 
         return env.encode_in_place(length * dtype.itemsize, fill,
-                                   mac_key=self._mac_key(MASKED_INPUT))
+                                   mac_key=self.mac_keys[MASKED_INPUT])
 
     def _mask(self, y: np.ndarray) -> None:
         """Write the masked, quantised update (weight last) into ``y``."""

@@ -167,11 +167,6 @@ def client_mac_keys(shared_secret: bytes, ctx: KdfContext, node: int) -> dict[st
     return {stage: okm[KEY_SIZE * i:KEY_SIZE * (i + 1)] for i, stage in enumerate(CHECKED_STAGES)}
 
 
-def client_mac_key(shared_secret: bytes, ctx: KdfContext, node: int, stage: str) -> bytes:
-    """The one-time GMAC key of ``node``'s ``stage`` reply (see :func:`client_mac_keys`)."""
-    return client_mac_keys(shared_secret, ctx, node)[stage]
-
-
 def consistency_message(session: bytes, round_: int, node: int, survivors: list[int]) -> bytes:
     """What node ``node`` signs in the consistency check: the set U3 it was shown."""
     return encode_fields(CONSISTENCY_LABEL, session, struct.pack(">QQ", round_, node),

@@ -246,11 +246,8 @@ class MaskingServer(ServerWorkflow):
         # (_on_advertise_keys); the masked vector's MAC is checked while it is summed
         # (_on_masked_input); every other reply here
         if stage not in (ADVERTISE_KEYS, MASKED_INPUT):
-            env.verify_mac(self._mac_key(u, stage))
+            env.verify_mac(self.mac_keys[u][stage])
         return env
-
-    def _mac_key(self, u: int, stage: str) -> bytes:
-        return self.mac_keys[u][stage]
 
     def _require(self, count: int, what: str) -> None:
         if count < self.params.threshold:
@@ -347,7 +344,7 @@ class MaskingServer(ServerWorkflow):
             raise WireFormatError("masked vector has elements outside the ring")
         if env.mac is None:
             raise MacError(f"masked input from node {u} carries no MAC")
-        mac = MacStream(self._mac_key(u, MASKED_INPUT))
+        mac = MacStream(self.mac_keys[u][MASKED_INPUT])
         signed = memoryview(env.signed_bytes).cast("B")
         body_at = signed.nbytes - vec.nbytes
         mac.update(signed[:body_at])

@@ -568,7 +568,7 @@ def gen_encodings() -> None:
     s_share = Share(4, int.from_bytes(r.bytes(32), "big")).to_bytes()
     b_seed = r.bytes(32)
     server_secret = r.bytes(32)
-    mac_key = M.client_mac_key(server_secret, M.kdf_context(session, 2), 3, M.MASKED_INPUT)
+    mac_key = M.client_mac_keys(server_secret, M.kdf_context(session, 2), 3)[M.MASKED_INPUT]
     maced = env.encode(mac_key=mac_key)
     assert decode(maced).mac == maced[-16:]
     graphs = []
